@@ -1,0 +1,133 @@
+"""Helpers for config files: parse `get_config(arg)` strings and apply them strictly.
+
+A config file's `get_config(arg)` takes a string such as "demo" or "fold=1,shot=5,demo".
+Bare words are flags (True); `key=value` pairs are literals (int, float, bool, None or str).
+Unknown keys are an error naming the key and the known ones.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any, Mapping
+
+
+def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+  """Parses "a=1,b=x,flag" against `defaults` (which lists every allowed key).
+
+  Returns a dict with every key of `defaults`, overridden by the arg string. Values are
+  converted to the type of the default when the default is not None.
+
+  Raises:
+    ValueError: on an unknown key or a value that does not convert.
+  """
+  out = dict(defaults)
+  if not arg:
+    return out
+  for part in arg.split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      key, raw = part.split("=", 1)
+      key, raw = key.strip(), raw.strip()
+    else:
+      key, raw = part, "True"
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}; known arguments: {sorted(defaults)}")
+    out[key] = _convert(key, raw, defaults[key])
+  return out
+
+
+def _convert(key: str, raw: str, default: Any) -> Any:
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # a bare string such as resnet101
+  if default is None or value is None:
+    return value
+  if isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      return value.lower() == "true"
+    raise ValueError(f"Config argument {key}={raw!r}: expected a bool")
+  if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
+    return value
+  if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(default, str):
+    return str(value) if not isinstance(value, str) else value
+  if isinstance(value, type(default)):
+    return value
+  raise ValueError(
+      f"Config argument {key}={raw!r}: expected a {type(default).__name__} like {default!r}")
+
+
+def base_config():
+  """The config schema every method shares; a config file fills in and extends it.
+
+  Keys (method-specific settings live under `model`):
+    method: name in `fssjax.methods.REGISTRY`.
+    seed: seeds parameter init and the training episode stream.
+    data.dataset: synthetic | coco20i | coco20i_contiguous | pascal5i | fss1000 | lvis92i.
+    data.root: data root ('' for synthetic: the cache directory, see fssjax.data.synthetic).
+    data.fold, data.shot: benchmark fold and K of the test episodes (and of training, unless
+      data.train_shot_max > 0, in which case every training step draws K from 1..N).
+    data.image_size: side of the square network input.
+    data.resize: 'square' (HSNet: resize to image_size x image_size) or 'pad' (keep aspect,
+      pad to the square; padded mask pixels are 255 = ignore).
+    data.test_episodes, data.test_seed: the fixed evaluation episode list.
+    data.workers: grain worker processes (0 = in-process).
+    data.eval_resolution: 'resized' (score at the network resolution) or 'original'
+      (upsample scores to the original query size and score against the original mask).
+    train.*: global batch size, steps, logging / eval / checkpoint cadence, gradient
+      accumulation, compute precision.
+    optimizer.*: name (adam | adamw | sgd), lr, schedule (constant | linear | cosine),
+      warm-up, weight decay, gradient clipping.
+  """
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  c.method = ""
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      dataset="synthetic",
+      root="",
+      fold=0,
+      shot=1,
+      train_shot_max=0,
+      image_size=400,
+      resize="square",
+      augment=False,
+      test_episodes=1000,
+      test_seed=0,
+      workers=0,
+      skip_corrupt=False,
+      eval_resolution="resized",
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=8,
+      num_steps=10_000,
+      log_every=50,
+      eval_every=2_000,
+      checkpoint_every=1_000,
+      keep_checkpoints=3,
+      grad_accum=1,
+      precision="float32",  # or bfloat16 (compute dtype; params stay float32)
+      profile_steps=0,  # >0: write a profiler trace of this many steps after warm-up
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adam",
+      lr=1e-3,
+      schedule="constant",
+      warmup_steps=0,
+      weight_decay=0.0,
+      grad_clip=0.0,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=8,
+      num_summary_images=4,
+  ))
+  c.model = ml_collections.ConfigDict()
+  return c

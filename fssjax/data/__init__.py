@@ -1,0 +1,1 @@
+"""Data: sources, folds, episodic sampling with grain, transforms."""

@@ -1,0 +1,68 @@
+"""The small interface every method implements.
+
+A method owns its Linen module(s), its loss and its prediction. The generic trainer
+(`fssjax.train`) and evaluator (`fssjax.evaluate`) only ever talk to this interface.
+
+Parameters are split in two plain pytrees:
+  * `params`: trainable; the only thing the optimiser sees;
+  * `frozen`: everything else (pretrained backbones, VAE, batch-norm statistics, LLM base
+    weights). Never differentiated, never in the optimiser state.
+
+Batch (see DESIGN section 3), NHWC, images float32 normalised by `method.normalization`:
+  query_image [B,H,W,3], query_mask [B,H,W] uint8 (0 bg, 1 fg, 255 ignore),
+  support_images [B,K,H,W,3], support_masks [B,K,H,W] uint8, class_id [B] int32.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import ml_collections
+
+PyTree = Any
+
+
+class Method(abc.ABC):
+  """Base class of a few-shot segmentation method.
+
+  Attributes:
+    kshot: 'vote' -- the evaluator runs K one-shot predictions and votes (HSNet rule);
+      'joint' -- `predict` receives all K supports at once (for example DiffewS's K/V bank).
+    threshold: foreground where `predict(...) > threshold`.
+    normalization: image normalisation the data pipeline applies for this method:
+      'imagenet' (mean/std of ImageNet on [0,1] pixels) or 'minus_one_one' ([-1, 1]).
+    align_corners: whether scores are upsampled to the original query size with
+      corner-aligned bilinear interpolation (HSNet) or half-pixel centres.
+  """
+
+  kshot: str = "vote"
+  threshold: float = 0.0
+  normalization: str = "imagenet"
+  align_corners: bool = True
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[PyTree, PyTree]:
+    """Returns (params, frozen) for an example batch (only shapes matter)."""
+
+  @abc.abstractmethod
+  def loss(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array],
+           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Training loss (scalar) and a dict of scalar metrics."""
+
+  @abc.abstractmethod
+  def predict(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
+    """Foreground scores [B, H, W] float32 at the batch's query resolution.
+
+    The evaluator takes `scores > self.threshold` as foreground (after optional resize of the
+    scores to the original query size).
+    """
+
+  def summary_images(self, params: PyTree, frozen: PyTree,
+                     batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Optional extra images for TensorBoard, name -> [N, H, W, 3] float in [0, 1]."""
+    return {}

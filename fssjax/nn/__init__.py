@@ -1,0 +1,1 @@
+"""Reusable Flax Linen modules (NHWC, shapes in docstrings)."""

@@ -1,0 +1,1 @@
+"""The language side: LLM clients, class descriptions, related classes, text encoders."""

@@ -1,0 +1,1 @@
+"""Converters from published checkpoints (safetensors) to Flax parameter pytrees."""
