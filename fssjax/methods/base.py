@@ -56,10 +56,12 @@ class Method(abc.ABC):
 
   @abc.abstractmethod
   def predict(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-    """Foreground scores [B, H, W] float32 at the batch's query resolution.
+    """Foreground scores [B, h, w] float32, at the query resolution or the model's own.
 
-    The evaluator takes `scores > self.threshold` as foreground (after optional resize of the
-    scores to the original query size).
+    The evaluator upsamples the scores once (bilinear, `self.align_corners`) to the resolution
+    that is scored (the batch's query size, or each query's original size) and takes
+    `scores > self.threshold` as foreground. Returning native-resolution scores (HSNet: a
+    quarter of the input) keeps that a single interpolation, as in the published code.
     """
 
   def summary_images(self, params: PyTree, frozen: PyTree,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,7 +57,8 @@ def resize_bilinear(x: jnp.ndarray, size: Sequence[int], axes: Sequence[int] = (
       continue
     w = jnp.asarray(interpolation_matrix(n_in, n_out, align_corners), dtype=jnp.float32)
     moved = jnp.moveaxis(out, axis, -1).astype(jnp.float32)
-    moved = moved @ w.T
+    # HIGHEST: exact float32 on TPU (bf16 passes by default) and GPU (TF32), as in PyTorch.
+    moved = jnp.matmul(moved, w.T, precision=jax.lax.Precision.HIGHEST)
     out = jnp.moveaxis(moved, -1, axis).astype(x.dtype)
   return out
 
