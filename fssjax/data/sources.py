@@ -1,0 +1,100 @@
+"""Build the data source of a config: `build_source(config.data, split)`.
+
+`data.dataset` picks the benchmark:
+  synthetic           the generated COCO-format benchmark (fssjax.data.synthetic): data.root is
+                      the cache directory of generated sets ('' = the default one; the set is
+                      generated on first use) or a generated set's own directory
+  coco20i             COCO 2014 under data.root, interleaved folds
+  coco20i_contiguous  the same source, contiguous folds
+  pascal5i            VOC2012 + SegmentationClassAug under data.root, fold data.fold
+  fss1000             FSS-1000 under data.root, the published class split
+  lvis92i             LVIS v1 + COCO 2017 images under data.root
+Splits: 'train' and 'test' everywhere ('val' is the test split for COCO, PASCAL and LVIS, which
+have no separate validation split); FSS-1000 has its own 'val' classes.
+`fold_classes_for(data, split)` gives the class ids that episodes of `split` draw from.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fssjax.data import folds
+from fssjax.data.base import SegmentationSource
+
+DATASETS = ("synthetic", "coco20i", "coco20i_contiguous", "pascal5i", "fss1000", "lvis92i")
+
+
+def benchmark_of(data) -> str:
+  """The `fssjax.data.folds` benchmark name of a data config (synthetic -> 'synthetic')."""
+  ds = data.dataset
+  if ds not in DATASETS:
+    raise ValueError(f"Unknown data.dataset {ds!r}; valid datasets: {list(DATASETS)}")
+  return ds
+
+
+def _get(data, key, default):
+  try:
+    value = data[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def build_source(data, split: str, cache_dir: str | None = None) -> SegmentationSource:
+  """The source of `split` ('train' | 'test' | 'val') for `data` (a config's `data` block).
+
+  Uses data.dataset, data.root, data.fold and data.skip_corrupt. Index caches go to
+  `cache_dir` (default: $FSSJAX_CACHE_DIR/index or ~/.cache/fssjax/index).
+
+  Raises:
+    ValueError: unknown dataset or split. DataError: missing or bad data files.
+  """
+  ds = benchmark_of(data)
+  valid = ("train", "val", "test")
+  if split not in valid:
+    raise ValueError(f"Unknown split {split!r}; valid splits: {list(valid)}")
+  root = _get(data, "root", "")
+  skip = bool(_get(data, "skip_corrupt", False))
+  fold = int(_get(data, "fold", 0))
+  if ds == "synthetic":
+    from fssjax.data import coco, synthetic  # pylint: disable=import-outside-toplevel
+    if not (root and os.path.isfile(synthetic.annotation_file(root, "train"))):
+      # data.root is the cache directory holding generated sets ('' = the default one).
+      root = synthetic.ensure(root or None)
+    return coco.synthetic(root, split, cache_dir=cache_dir, skip_corrupt=skip)
+  if ds in ("coco20i", "coco20i_contiguous"):
+    from fssjax.data import coco  # pylint: disable=import-outside-toplevel
+    return coco.coco20i(root, split, cache_dir=cache_dir, skip_corrupt=skip)
+  if ds == "pascal5i":
+    from fssjax.data import pascal  # pylint: disable=import-outside-toplevel
+    folds.fold_classes("pascal5i", fold, "test")  # validates the fold
+    return pascal.pascal5i(root, split, fold, cache_dir=cache_dir, skip_corrupt=skip)
+  if ds == "fss1000":
+    from fssjax.data import fss1000  # pylint: disable=import-outside-toplevel
+    return fss1000.fss1000(root, split, skip_corrupt=skip)
+  from fssjax.data import lvis  # pylint: disable=import-outside-toplevel
+  return lvis.lvis92i(root, split, cache_dir=cache_dir, skip_corrupt=skip)
+
+
+def fold_classes_for(data, split: str, source: SegmentationSource | None = None,
+                     cache_dir: str | None = None) -> list[int]:
+  """Class ids that episodes of `split` draw from for `data` (fold data.fold).
+
+  'train' gives the fold's base classes, 'test' (and 'val' outside FSS-1000) its novel classes;
+  FSS-1000 'val' gives the 240 val classes. LVIS-92i needs the annotation counts: `source` (the
+  split's LvisSource) is used when given, the other split is read from data.root.
+  """
+  bench = benchmark_of(data)
+  fold = int(_get(data, "fold", 0))
+  if bench == "fss1000":
+    return folds.fold_classes(bench, 0, {"trn": "train"}.get(split, split))
+  fold_split = "train" if split == "train" else "test"
+  if split not in ("train", "val", "test"):
+    raise ValueError(f"Unknown split {split!r}; valid splits: ['train', 'val', 'test']")
+  if bench != "lvis92i":
+    return folds.fold_classes(bench, fold, fold_split)
+  from fssjax.data import lvis  # pylint: disable=import-outside-toplevel
+  shot = int(_get(data, "shot", 1))
+  kw = {"val_source": source} if fold_split == "test" else {"train_source": source}
+  return lvis.lvis92i_fold_classes(_get(data, "root", ""), fold, fold_split, shot=shot,
+                                   cache_dir=cache_dir, **kw)
