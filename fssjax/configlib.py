@@ -105,6 +105,7 @@ def base_config():
       workers=0,
       skip_corrupt=False,
       eval_resolution="resized",
+      max_original_size=1024,  # canvas for original-size masks (eval_resolution='original')
   ))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8,

@@ -1,0 +1,419 @@
+"""grain input pipelines: the checkpointable training stream and the fixed evaluation batches.
+
+Training. `train_loader(config, source, class_ids, ...)` returns a `TrainLoader`. Its grain
+record i is global step i; a map transform builds this process's share of the global batch of
+that step (`fssjax.data.episodes` makes every episode a pure function of (seed, step, slot)):
+
+  ds = grain.MapDataset.range(start, num_steps).map(build_batch)   # record = global step
+  ds = ds.to_iter_dataset(ReadOptions(...)).mp_prefetch(MultiprocessingOptions(workers))
+
+so grain workers parallelise over batches and the stream is the same for any worker count.
+Process p of P receives slots p*b .. (p+1)*b - 1 of every global batch (b = global / P):
+
+  query_image    float32 [b, S, S, 3]   (normalised, see fssjax.data.transforms)
+  query_mask     uint8   [b, S, S]      (0 bg, 1 fg, 255 ignore)
+  support_images float32 [b, K, S, S, 3]
+  support_masks  uint8   [b, K, S, S]
+  class_id       int32   [b]
+
+With `data.train_shot_max = N > 0`, K is drawn from 1..N per global step (one K per global
+batch, so shapes are uniform within a batch and vary across steps).
+
+Checkpointing. `iter(loader)` gives a `TrainIterator` with grain's iterator checkpoint API:
+
+  it = iter(loader); state = it.get_state()   # bytes (JSON): the next global step + checks
+  ...; it.set_state(state)                    # continues with exactly the batch that was next
+
+The state is the next global step, so it restores with any worker count and any process
+layout (the seed, global batch size and shot settings must match; a mismatch is a ValueError
+naming the field). It works with grain's orbax handler, which saves one file per process:
+
+  import grain, orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(dir, item_names=("state", "data"), item_handlers=dict(
+      data=grain.checkpoint.CheckpointHandler()))     # = grain.python.PyGrainCheckpointHandler
+  mngr.save(step, args=ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it)))
+  mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it), ...))
+
+Without a saved state, `train_loader(..., start_step=s)` starts at global step s with the
+same batches (the stream depends on the step only). Call `it.close()` to stop workers.
+
+Evaluation. `eval_loader(config, source, episodes, ...)` returns an `EvalLoader`: an iterable
+(re-iterable, `len` = number of batches) over the episodes in order; global batch g holds
+episodes g*B .. g*B + B - 1, the last one padded. Each process gets its slice, with extra keys
+`valid` bool [b] (False on padding, whose images are 0 and masks 255) and `episode_index` int32
+[b] (-1 on padding); with `data.eval_resolution == 'original'` also `query_mask_orig` uint8
+[b, M, M] (the original query mask, 255 outside it; M = data.max_original_size, default 1024)
+and `query_size` int32 [b, 2] (h, w). The evaluator sums its counts across processes.
+
+Worker processes. `worker_count` defaults to `config.data.workers` (0 = in-process, with a
+couple of reading threads). grain starts workers with the 'spawn' method and they read absl
+flags: under pytest tests/conftest.py marks flags parsed; command-line entry points parse
+flags with absl.app. Sources must be picklable (cloudpickle) to reach the workers.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator, Sequence
+
+from absl import logging
+import grain
+import numpy as np
+
+from fssjax.data import episodes as episodes_lib
+from fssjax.data import transforms
+from fssjax.data.base import IGNORE, DataError, Episode, SegmentationSource
+
+STATE_VERSION = 1
+MAX_REDRAWS = 20  # with data.skip_corrupt: redraws of an episode whose files fail to load
+EVAL_RESOLUTIONS = ("resized", "original")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  process_index, process_count = int(process_index), int(process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+  return process_index, process_count
+
+
+def _per_process_batch(global_batch_size: int, process_count: int) -> int:
+  global_batch_size = int(global_batch_size)
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the "
+                     f"process count {process_count}")
+  return global_batch_size // process_count
+
+
+def transform_spec(config, normalization: str, *, train: bool) -> transforms.TransformSpec:
+  """The `TransformSpec` of config.data (augmentation only for training)."""
+  data = config.data
+  return transforms.TransformSpec(
+      image_size=int(data.image_size),
+      resize=str(data.resize),
+      normalization=normalization,
+      augment=bool(data.get("augment", False)) and train,
+      max_original_size=int(data.get("max_original_size", transforms.DEFAULT_MAX_ORIGINAL_SIZE)),
+  )
+
+
+def _read_options(worker_count: int) -> grain.ReadOptions:
+  # Every element is a whole batch: keep the buffers small. In-process, two threads overlap
+  # decoding with the training step; inside worker processes one thread each.
+  threads = 2 if worker_count == 0 else 1
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)
+
+
+def _build_iter(ds: grain.MapDataset, worker_count: int):
+  it_ds = ds.to_iter_dataset(_read_options(worker_count))
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=2))
+  return iter(it_ds)
+
+
+def _fill_episode(source: SegmentationSource, episode: Episode, spec: transforms.TransformSpec,
+                  aug_rng: np.random.Generator | None, batch: dict[str, np.ndarray],
+                  i: int) -> None:
+  """Loads and transforms one episode (query + supports) into slot `i` of `batch`.
+
+  Writes query_image / query_mask / support_images / support_masks / class_id, and
+  query_mask_orig / query_size when `batch` has them. Raises DataError on unreadable data
+  (the slot may then be partly written).
+  """
+  image, mask = source.load(episode.query, episode.class_id)
+  if "query_mask_orig" in batch:
+    batch["query_mask_orig"][i], batch["query_size"][i] = transforms.pad_original_mask(
+        np.asarray(mask), spec.max_original_size)
+  _, batch["query_mask"][i] = transforms.prepare(image, mask, spec, aug_rng,
+                                                 out=batch["query_image"][i])
+  for j, s in enumerate(episode.supports):
+    image, mask = source.load(s, episode.class_id)
+    _, batch["support_masks"][i, j] = transforms.prepare(image, mask, spec, aug_rng,
+                                                         out=batch["support_images"][i, j])
+  batch["class_id"][i] = episode.class_id
+
+
+def _clear_slot(batch: dict[str, np.ndarray], i: int) -> None:
+  """Resets slot `i` to padding (images 0, masks 255, class 0)."""
+  for key, value in batch.items():
+    if key in ("query_mask", "support_masks", "query_mask_orig"):
+      value[i] = IGNORE
+    elif key == "episode_index":
+      value[i] = -1
+    else:
+      value[i] = 0
+
+
+def _empty_batch(b: int, k: int, size: int) -> dict[str, np.ndarray]:
+  return dict(
+      query_image=np.zeros((b, size, size, 3), np.float32),
+      query_mask=np.full((b, size, size), IGNORE, np.uint8),
+      support_images=np.zeros((b, k, size, size, 3), np.float32),
+      support_masks=np.full((b, k, size, size), IGNORE, np.uint8),
+      class_id=np.zeros((b,), np.int32),
+  )
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class _TrainBatch:
+  """grain map transform: global step -> this process's slice of that step's global batch."""
+
+  def __init__(self, source: SegmentationSource, sampler: episodes_lib.EpisodeSampler,
+               spec: transforms.TransformSpec, seed: int, first_slot: int, batch_size: int,
+               shot: int, shot_max: int, skip_corrupt: bool):
+    self.source = source
+    self.sampler = sampler
+    self.spec = spec
+    self.seed = int(seed)
+    self.first_slot = int(first_slot)
+    self.batch_size = int(batch_size)
+    self.shot = int(shot)
+    self.shot_max = int(shot_max)
+    self.skip_corrupt = bool(skip_corrupt)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    k = episodes_lib.step_shot(self.seed, step, self.shot, self.shot_max)
+    batch = _empty_batch(self.batch_size, k, self.spec.image_size)
+    for i in range(self.batch_size):
+      slot = self.first_slot + i
+      ep_rng = episodes_lib.slot_rng(self.seed, step, slot, 0)
+      for attempt in range(MAX_REDRAWS):
+        episode = self.sampler.episode(ep_rng, k)
+        aug_rng = episodes_lib.slot_rng(self.seed, step, slot, 1) if self.spec.augment else None
+        try:
+          _fill_episode(self.source, episode, self.spec, aug_rng, batch, i)
+          break
+        except DataError as e:
+          if not self.skip_corrupt:
+            raise DataError(f"step {step} slot {slot}: {e} (set data.skip_corrupt=True to "
+                            f"skip unreadable records)") from e
+          logging.warning("step %d slot %d: skipping episode %s (attempt %d): %s", step, slot,
+                          episode, attempt + 1, e)
+      else:
+        raise DataError(f"step {step} slot {slot}: {MAX_REDRAWS} episodes in a row failed to "
+                        f"load; the data set looks broken")
+    return batch
+
+
+class TrainIterator(Iterator[dict]):
+  """Iterator over per-process training batches, with get_state / set_state (bytes).
+
+  Compatible with grain's orbax handler (`grain.checkpoint.CheckpointHandler`), which calls
+  `get_state`, `set_state` and `start_prefetch`.
+  """
+
+  def __init__(self, loader: "TrainLoader", next_step: int):
+    self._loader = loader
+    self._next_step = int(next_step)
+    self._it = None
+
+  @property
+  def next_step(self) -> int:
+    """The global step whose batch `next()` returns."""
+    return self._next_step
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      self._it = self._loader._grain_iter(self._next_step)  # pylint: disable=protected-access
+    batch = next(self._it)
+    self._next_step += 1
+    return batch
+
+  def start_prefetch(self) -> None:
+    """Starts the workers / reading threads ahead of the first `next()`."""
+    if self._it is None:
+      self._it = self._loader._grain_iter(self._next_step)  # pylint: disable=protected-access
+    if hasattr(self._it, "start_prefetch"):
+      self._it.start_prefetch()
+
+  def get_state(self) -> bytes:
+    return json.dumps(dict(version=STATE_VERSION, next_step=self._next_step,
+                           **self._loader.fingerprint), indent=1).encode()
+
+  def set_state(self, state: bytes | str) -> None:
+    """Restores a state from `get_state` (of this or an identically configured loader)."""
+    try:
+      doc = json.loads(state.decode() if isinstance(state, bytes) else state)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"not a fssjax train-iterator state: {e}") from e
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if version != STATE_VERSION:
+      raise ValueError(f"train-iterator state version {version!r}, expected {STATE_VERSION}")
+    for key, value in self._loader.fingerprint.items():
+      if doc.get(key) != value:
+        raise ValueError(f"train-iterator state was saved with {key}={doc.get(key)!r} but this "
+                         f"loader has {key}={value!r}")
+    self.close()
+    self._next_step = int(doc["next_step"])
+
+  def close(self) -> None:
+    """Stops the worker processes (if any); the iterator can still be restored / resumed."""
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()
+    self._it = None
+
+
+class TrainLoader:
+  """The training stream of one process (see the module docstring)."""
+
+  def __init__(self, builder: _TrainBatch, num_steps: int, start_step: int, worker_count: int,
+               fingerprint: dict[str, Any]):
+    self._builder = builder
+    self.num_steps = int(num_steps)
+    self.start_step = int(start_step)
+    self.worker_count = int(worker_count)
+    self.fingerprint = fingerprint
+    self.batch_size = builder.batch_size
+
+  def _grain_iter(self, start: int):
+    ds = grain.MapDataset.range(start, max(start, self.num_steps)).map(self._builder)
+    return _build_iter(ds, self.worker_count)
+
+  def __iter__(self) -> TrainIterator:
+    return TrainIterator(self, self.start_step)
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    """The batch of global step `step`, built in this process (for inspection and tests)."""
+    return self._builder(step)
+
+
+def train_loader(config, source: SegmentationSource, class_ids: Sequence[int], *,
+                 normalization: str, seed: int, global_batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None,
+                 worker_count: int | None = None, start_step: int = 0) -> TrainLoader:
+  """The per-process training stream of `config` (see the module docstring).
+
+  Args:
+    config: the run config (reads data.shot, data.train_shot_max, data.image_size,
+      data.resize, data.augment, data.workers, data.skip_corrupt, train.num_steps).
+    source: the training split.
+    class_ids: the fold's training classes.
+    normalization: the method's image normalisation ('imagenet' | 'minus_one_one').
+    seed: the stream seed (config.seed).
+    global_batch_size: episodes per global step (all processes together).
+    process_index, process_count: this process and the count (default: jax's).
+    worker_count: grain worker processes (default config.data.workers).
+    start_step: first global step when no iterator state is restored.
+  """
+  process_index, process_count = _process_layout(process_index, process_count)
+  b = _per_process_batch(global_batch_size, process_count)
+  data = config.data
+  shot = int(data.shot)
+  shot_max = int(data.get("train_shot_max", 0) or 0)
+  if shot_max > 0:
+    sampler = episodes_lib.EpisodeSampler(source, class_ids, shot_max, min_shot=1)
+  else:
+    sampler = episodes_lib.EpisodeSampler(source, class_ids, shot)
+  spec = transform_spec(config, normalization, train=True)
+  builder = _TrainBatch(source, sampler, spec, seed, process_index * b, b, shot, shot_max,
+                        bool(data.get("skip_corrupt", False)))
+  workers = int(data.workers if worker_count is None else worker_count)
+  if workers < 0:
+    raise ValueError(f"worker count must be >= 0, got {workers}")
+  fingerprint = dict(seed=int(seed), global_batch_size=int(global_batch_size), shot=shot,
+                     shot_max=shot_max, image_size=spec.image_size, resize=spec.resize,
+                     augment=spec.augment, source=str(getattr(source, "name", "")))
+  return TrainLoader(builder, int(config.train.num_steps), start_step, workers, fingerprint)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class _EvalBatch:
+  """grain map transform: global eval batch g -> this process's slice of it."""
+
+  def __init__(self, source: SegmentationSource, episodes: Sequence[Episode],
+               spec: transforms.TransformSpec, global_batch_size: int, first_slot: int,
+               batch_size: int, shot: int, keep_original: bool, skip_corrupt: bool):
+    self.source = source
+    self.episodes = tuple(episodes)
+    self.spec = spec
+    self.global_batch_size = int(global_batch_size)
+    self.first_slot = int(first_slot)
+    self.batch_size = int(batch_size)
+    self.shot = int(shot)
+    self.keep_original = bool(keep_original)
+    self.skip_corrupt = bool(skip_corrupt)
+
+  def __call__(self, g: int) -> dict[str, np.ndarray]:
+    b, size = self.batch_size, self.spec.image_size
+    batch = _empty_batch(b, self.shot, size)
+    batch["valid"] = np.zeros((b,), bool)
+    batch["episode_index"] = np.full((b,), -1, np.int32)
+    if self.keep_original:
+      m = self.spec.max_original_size
+      batch["query_mask_orig"] = np.full((b, m, m), IGNORE, np.uint8)
+      batch["query_size"] = np.zeros((b, 2), np.int32)
+    for i in range(b):
+      index = int(g) * self.global_batch_size + self.first_slot + i
+      if index >= len(self.episodes):
+        continue
+      episode = self.episodes[index]
+      try:
+        _fill_episode(self.source, episode, self.spec, None, batch, i)
+      except DataError as e:
+        if not self.skip_corrupt:
+          raise DataError(f"test episode {index} ({episode}): {e}") from e
+        logging.warning("skipping test episode %d (%s): %s", index, episode, e)
+        _clear_slot(batch, i)
+        continue
+      batch["valid"][i] = True
+      batch["episode_index"][i] = index
+    return batch
+
+
+class EvalLoader:
+  """Re-iterable evaluation batches of one process; `len()` is the number of batches."""
+
+  def __init__(self, builder: _EvalBatch, num_batches: int, worker_count: int):
+    self._builder = builder
+    self.num_batches = int(num_batches)
+    self.worker_count = int(worker_count)
+    self.batch_size = builder.batch_size
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self):
+    ds = grain.MapDataset.range(self.num_batches).map(self._builder)
+    return _build_iter(ds, self.worker_count)
+
+
+def eval_loader(config, source: SegmentationSource, episodes: Sequence[Episode], *,
+                normalization: str, global_batch_size: int, shot: int,
+                process_index: int | None = None, process_count: int | None = None,
+                worker_count: int | None = None) -> EvalLoader:
+  """Batches of the fixed test `episodes`, in order (see the module docstring).
+
+  Raises:
+    ValueError: an episode whose support count differs from `shot`, a bad
+      data.eval_resolution, or a global batch size not divisible by the process count.
+  """
+  process_index, process_count = _process_layout(process_index, process_count)
+  b = _per_process_batch(global_batch_size, process_count)
+  resolution = str(config.data.get("eval_resolution", "resized"))
+  if resolution not in EVAL_RESOLUTIONS:
+    raise ValueError(f"data.eval_resolution={resolution!r}; expected one of "
+                     f"{list(EVAL_RESOLUTIONS)}")
+  for i, e in enumerate(episodes):
+    if len(e.supports) != shot:
+      raise ValueError(f"test episode {i} has {len(e.supports)} supports, expected shot={shot}")
+  spec = transform_spec(config, normalization, train=False)
+  builder = _EvalBatch(source, episodes, spec, global_batch_size, process_index * b, b, shot,
+                       resolution == "original", bool(config.data.get("skip_corrupt", False)))
+  num_batches = -(-len(episodes) // int(global_batch_size))
+  workers = int(config.data.workers if worker_count is None else worker_count)
+  return EvalLoader(builder, num_batches, workers)
