@@ -115,6 +115,7 @@ def base_config():
       checkpoint_every=1_000,
       keep_checkpoints=3,
       grad_accum=1,
+      fsdp=1,  # size of the mesh's 'fsdp' axis (parameters sharded over it when > 1)
       precision="float32",  # or bfloat16 (compute dtype; params stay float32)
       profile_steps=0,  # >0: write a profiler trace of this many steps after warm-up
   ))

@@ -372,11 +372,13 @@ class CocoSource:
   def _open_store(self) -> dict:
     if self._store is None:
       d = self.index_dir
-      self._store = {k: np.load(os.path.join(d, k + ".npy"), mmap_mode="r")
-                     for k in ("ann_table", "part_table", "coords")}
+      # Built in a local and published whole: grain's reader threads may race here.
+      store = {k: np.load(os.path.join(d, k + ".npy"), mmap_mode="r")
+               for k in ("ann_table", "part_table", "coords")}
       rle_path = os.path.join(d, "rle.bin")
-      self._store["rle"] = (np.memmap(rle_path, np.uint8, mode="r")
-                            if os.path.getsize(rle_path) else np.zeros(0, np.uint8))
+      store["rle"] = (np.memmap(rle_path, np.uint8, mode="r")
+                      if os.path.getsize(rle_path) else np.zeros(0, np.uint8))
+      self._store = store
     return self._store
 
   def annotations(self, index: int) -> list[tuple[int, int, Any]]:
