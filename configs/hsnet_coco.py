@@ -27,8 +27,9 @@ about 6 minutes on 2 CPU cores, evaluated on 300 episodes of fold 0's novel clas
 
   python -m fssjax.main --config=configs/hsnet_coco.py:demo --workdir=/tmp/hsnet_demo
 
-  Expected result: mIoU ... on the 300 test episodes (measured: see docs; the number is
-  filled in from a measured run).
+  Measured (one run, 2 loaded CPU cores, 8m42s wall): mIoU 20.9, FB-IoU 58.2 on the 300
+  test episodes, against 7.8 / 3.9 for the all-foreground prediction (+13.1 mIoU; the target
+  of +15 is not reached yet).
 
 Arguments (`get_config("key=value,...")`): fold, shot, backbone (resnet50 | resnet101 | vgg16 |
 resnet_tiny), weights (safetensors path), allow_pickle (read a .pth instead), root, steps,
