@@ -19,9 +19,24 @@ import abc
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 PyTree = Any
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """The compute dtype a method uses: config.model.dtype, else config.train.precision.
+
+  Returns None for float32 (Flax's default) or jnp.bfloat16; parameters stay float32.
+  """
+  name = (config.get("model", {}).get("dtype", "")
+          or config.get("train", {}).get("precision", "float32"))
+  if name in ("float32", "fp32"):
+    return None
+  if name in ("bfloat16", "bf16"):
+    return jnp.bfloat16
+  raise ValueError(f"Unknown compute precision {name!r}; expected 'float32' or 'bfloat16'")
 
 
 class Method(abc.ABC):

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import einops
 import jax
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fssjax.methods.base import Method, PyTree
+from fssjax.methods.base import Method, PyTree, compute_dtype
 from fssjax.nn import unet as unet_lib
 from fssjax.nn import vae as vae_lib
 
@@ -75,11 +74,6 @@ SD21_VAE = dict(
 
 # Tokens of the empty prompt with padding="do_not_pad": [BOS, EOS] (as DiffewS encodes it).
 EMPTY_PROMPT_TOKENS = 2
-
-
-def _compute_dtype(config: ml_collections.ConfigDict):
-  precision = config.get("train", {}).get("precision", "float32")
-  return {"float32": None, "bfloat16": jnp.bfloat16}[precision]
 
 
 def mask_to_rgb(mask: jax.Array) -> jax.Array:
@@ -120,7 +114,7 @@ class DiffewS(Method):
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
     m = config.model
-    self.dtype = _compute_dtype(config)
+    self.dtype = compute_dtype(config)
     self.timestep = float(m.get("timestep", 1))
     self.threshold_kind = m.get("mask_threshold_kind", "relative")
     if self.threshold_kind not in ("relative", "absolute"):

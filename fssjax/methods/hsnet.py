@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fssjax.methods.base import Method
+from fssjax.methods.base import Method, compute_dtype
 from fssjax.nn.hsnet import HSNet as HSNetModule
 from fssjax.nn.ops import resize_bilinear
 from fssjax.weights import torchvision as tv_weights
@@ -60,15 +60,6 @@ _DEFAULTS = dict(
     train_support="first",
     dtype="",
 )
-
-
-def _compute_dtype(config: ml_collections.ConfigDict) -> Any:
-  name = config.model.get("dtype", "") or config.get("train", {}).get("precision", "float32")
-  if name in ("float32", "fp32"):
-    return None
-  if name in ("bfloat16", "bf16"):
-    return jnp.bfloat16
-  raise ValueError(f"Unknown compute precision {name!r}; expected 'float32' or 'bfloat16'")
 
 
 def _seed_from_key(rng: jax.Array) -> np.ndarray:
@@ -158,7 +149,7 @@ class HSNet(Method):
         backbone_name=self.opts["backbone"],
         learner_channels=tuple(self.opts["learner_channels"]),
         backbone_trainable=self.trainable_backbone,
-        dtype=_compute_dtype(config),
+        dtype=compute_dtype(config),
     )
 
   # ---------------------------------------------------------------------------------------------
