@@ -77,6 +77,9 @@ def base_config():
     data.image_size: side of the square network input.
     data.resize: 'square' (HSNet: resize to image_size x image_size) or 'pad' (keep aspect,
       pad to the square; padded mask pixels are 255 = ignore).
+    data.augment: random flip + zoom / crop of training episodes.
+    data.train_image_interpolation: 'bilinear' or 'nearest' resize of training images
+      (evaluation images are always bilinear).
     data.test_episodes, data.test_seed: the fixed evaluation episode list.
     data.workers: grain worker processes (0 = in-process).
     data.eval_resolution: 'resized' (score at the network resolution) or 'original'
@@ -100,6 +103,7 @@ def base_config():
       image_size=400,
       resize="square",
       augment=False,
+      train_image_interpolation="bilinear",  # or 'nearest' (DiffewS's training loader)
       test_episodes=1000,
       test_seed=0,
       workers=0,

@@ -20,6 +20,8 @@ host; only process 0 writes TensorBoard events and JSON files.
 
 from __future__ import annotations
 
+import importlib.util
+import logging as std_logging
 import os
 from typing import Sequence
 
@@ -39,9 +41,20 @@ _STEP = flags.DEFINE_integer("step", None, "mode=eval: the checkpoint step to ev
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraryInfo(std_logging.Filter):
+  """Drops INFO / DEBUG records of chatty libraries (orbax logs every save step by step)."""
+
+  QUIET = (f"{os.sep}orbax{os.sep}",)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        q in record.pathname for q in self.QUIET)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+  logging.get_absl_logger().addFilter(_QuietLibraryInfo())
   from fssjax import sharding  # pylint: disable=g-import-not-at-top
 
   sharding.initialize_distributed()
@@ -59,10 +72,30 @@ def main(argv: Sequence[str]) -> None:
     os.makedirs(workdir, exist_ok=True)
     utils.atomic_write_bytes(os.path.join(workdir, name),
                              train.config_json(config).encode("utf-8"))
-  if _MODE.value == "train":
-    train.train_and_evaluate(config, workdir)
-  else:
-    train.evaluate_checkpoint(config, workdir, step=_STEP.value)
+  try:
+    if _MODE.value == "train":
+      train.train_and_evaluate(config, workdir)
+    else:
+      train.evaluate_checkpoint(config, workdir, step=_STEP.value)
+  except train.MissingInputsError as e:
+    raise SystemExit(f"fssjax: {e}\n{_demo_hint()}") from None
+
+
+def _demo_hint() -> str:
+  """How to run this config's offline demo instead (when the config file has one)."""
+  filename = flags.FLAGS["config"].config_filename
+  try:
+    spec = importlib.util.spec_from_file_location("_fssjax_config", filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    has_demo = "demo" in getattr(module, "DEFAULTS", {})
+  except Exception:  # pylint: disable=broad-except
+    has_demo = False
+  if not has_demo:
+    return "Point the config at the files (see the docstring of " + filename + ")."
+  return ("Point the config at the files (see the docstring of " + filename + "), or run the "
+          "offline demo, which needs nothing downloaded:\n  python -m fssjax.main "
+          f"--config={filename}:demo --workdir=runs/demo")
 
 
 if __name__ == "__main__":

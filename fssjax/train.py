@@ -73,7 +73,7 @@ from fssjax import checkpointing
 from fssjax import monitoring
 from fssjax import sharding as shd
 from fssjax import utils
-from fssjax.methods import get_method
+from fssjax.methods import get_method, get_method_class
 from fssjax.methods.base import Method
 
 PyTree = Any
@@ -396,19 +396,40 @@ def config_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+class MissingInputsError(FileNotFoundError):
+  """A job's data or weights are not where its config says (the message lists each)."""
+
+
+def preflight(config: ml_collections.ConfigDict, *, train: bool = True) -> None:
+  """Checks, before anything heavy runs, that the config's data and weight files exist.
+
+  Raises:
+    MissingInputsError: one message naming every missing input (config key, value, and the
+      absolute path that was looked at).
+  """
+  from fssjax.data import sources  # pylint: disable=g-import-not-at-top
+  splits = ("train", "test") if train else ("test",)
+  problems = sources.missing_inputs(config.data, splits)
+  problems += get_method_class(config).missing_inputs(config)
+  if problems:
+    raise MissingInputsError(
+        f"{len(problems)} input(s) of this config are missing (working directory "
+        f"{os.getcwd()}):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 class _Data:
   """Sources, class lists and episodes of a config (built once per run)."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, train: bool, test: bool):
-    from fssjax.data import episodes, folds, sources  # pylint: disable=g-import-not-at-top
+    from fssjax.data import episodes, sources  # pylint: disable=g-import-not-at-top
     data = config.data
     self.benchmark = sources.benchmark_of(data)
     if train:
       self.train_source = sources.build_source(data, "train")
-      self.train_classes = folds.fold_classes(self.benchmark, int(data.fold), "train")
+      self.train_classes = sources.fold_classes_for(data, "train", self.train_source)
     if test:
       self.test_source = sources.build_source(data, "test")
-      self.test_classes = folds.fold_classes(self.benchmark, int(data.fold), "test")
+      self.test_classes = sources.fold_classes_for(data, "test", self.test_source)
       self.test_episodes = episodes.test_episodes(
           self.benchmark, self.test_source, self.test_classes, data.test_episodes or None,
           int(data.shot), int(data.test_seed))
@@ -495,6 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t = config.train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  preflight(config, train=True)
   mesh = shd.mesh_from_config(config)
   check_config(config, mesh)
   method = get_method(config)
@@ -670,6 +692,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
       which = "requested"
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {ckpt.directory} to evaluate")
+    preflight(config, train=False)
     mesh = shd.mesh_from_config(config)
     method = get_method(config)
     data = _Data(config, train=False, test=True)

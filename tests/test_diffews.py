@@ -1,5 +1,7 @@
 """DiffewS method: support-conv init, sign conventions, threshold rule, training signal."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -43,9 +45,20 @@ def make_batch(b=2, k=2, hw=16, seed=0):
       class_id=np.zeros((b,), np.int32))
 
 
-def test_support_conv_is_repeated_and_halved():
+def _init(method, batch):
+  """method.init under jit (as the trainer runs it): eager init dispatches op by op."""
+  return jax.jit(method.init)(jax.random.key(0), batch)
+
+
+@functools.cache
+def _default():
+  """(method, params, frozen) of the default tiny config, built once for this module."""
   method = diffews.DiffewS(make_config())
-  params, frozen = method.init(jax.random.key(0), make_batch())
+  return (method,) + tuple(_init(method, make_batch()))
+
+
+def test_support_conv_is_repeated_and_halved():
+  method, params, frozen = _default()
   assert set(params) == {"unet", "conv_in_support"} and set(frozen) == {"vae", "context"}
   x = jax.random.normal(jax.random.key(1), (1, 8, 8, 12))
   # With identical image and mask latents, the support conv equals the UNet's own conv_in.
@@ -58,8 +71,7 @@ def test_support_conv_is_repeated_and_halved():
 
 def test_target_sign_and_threshold_rule():
   """decode(-v) of v = -(mask latent) gives back the mask; the 0.25 x max rule recovers it."""
-  method = diffews.DiffewS(make_config())
-  _, frozen = method.init(jax.random.key(0), make_batch())
+  method, _, frozen = _default()
   mask = make_batch()["query_mask"]
   v = -method._encode(frozen, diffews.mask_to_rgb(jnp.asarray(mask)))
   value = method.decode_mask(frozen, v)
@@ -75,12 +87,12 @@ def test_target_sign_and_threshold_rule():
 
 
 def test_support_bank_changes_prediction_and_loss_learns():
-  method = diffews.DiffewS(make_config())
+  method, params, frozen = _default()
   batch = make_batch()
-  params, frozen = method.init(jax.random.key(0), batch)
   other = dict(batch, support_masks=1 - batch["support_masks"])
-  p1 = method.predict(params, frozen, batch)
-  p2 = method.predict(params, frozen, other)
+  predict = jax.jit(method.predict)
+  p1 = predict(params, frozen, batch)
+  p2 = predict(params, frozen, other)
   assert p1.shape == (2, 16, 16)
   assert not np.allclose(p1, p2), "the support mask must reach the query pass through the bank"
 
@@ -108,11 +120,11 @@ def test_kl_autoencoder_path_shapes():
   unet = dict(TINY_UNET, in_channels=4, out_channels=4)
   method = diffews.DiffewS(make_config(autoencoder="kl", vae=vae, unet=unet))
   batch = make_batch(b=1, k=3)
-  params, frozen = method.init(jax.random.key(0), batch)
+  params, frozen = _init(method, batch)
   assert frozen["vae"], "the VAE lives in the frozen collection"
-  loss, _ = method.loss(params, frozen, batch, jax.random.key(0))
+  loss, _ = jax.jit(method.loss)(params, frozen, batch, jax.random.key(0))
   assert np.isfinite(float(loss))
-  assert method.predict(params, frozen, batch).shape == (1, 16, 16)
+  assert jax.jit(method.predict)(params, frozen, batch).shape == (1, 16, 16)
 
 
 def test_missing_weights_error_names_path_and_demo(tmp_path):

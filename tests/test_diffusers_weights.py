@@ -120,6 +120,45 @@ def test_diffews_checkpoint_extras_via_the_low_level_api(tmp_path):
   assert extra["conv_in_ref.weight"].shape == (16, 8, 3, 3)
 
 
+def test_diffews_layout_pipeline_brings_its_support_conv(tmp_path):
+  """A DiffewS-layout pipeline (unet/ with conv_in_ref.*): load_pipeline returns the support
+  conv converted to HWIO, and the DiffewS method uses it instead of the repeat-and-halve init."""
+  from fssjax import configlib  # pylint: disable=g-import-not-at-top
+  from fssjax.methods import diffews  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "sd"
+  shutil.copytree(SD15, root)
+  unet_dir = root / "unet"
+  cfg = json.loads((unet_dir / "config.json").read_text())
+  cfg["in_channels_ref"] = 2 * cfg["in_channels"]
+  (unet_dir / "config.json").write_text(json.dumps(cfg))
+  sd = W.read_state_dict(str(unet_dir), "diffusion_pytorch_model")
+  c0 = cfg["block_out_channels"][0]
+  rng = np.random.default_rng(0)
+  weight = rng.normal(size=(c0, cfg["in_channels_ref"], 3, 3)).astype(np.float32)
+  bias = rng.normal(size=(c0,)).astype(np.float32)
+  save_file(dict(sd, **{"conv_in_ref.weight": weight, "conv_in_ref.bias": bias}),
+            str(unet_dir / "diffusion_pytorch_model.safetensors"))
+  pipe = W.load_pipeline(str(root))
+  np.testing.assert_array_equal(pipe.support_conv["kernel"], weight.transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(pipe.support_conv["bias"], bias)
+  assert W.load_pipeline(SD15).support_conv is None
+
+  c = configlib.base_config()
+  c.method = "diffews"
+  c.model.sd_path = str(root)
+  method = diffews.DiffewS(c)
+  batch = dict(query_image=np.zeros((1, 16, 16, 3), np.float32),
+               support_images=np.zeros((1, 1, 16, 16, 3), np.float32),
+               support_masks=np.zeros((1, 1, 16, 16), np.uint8))
+  params, _ = method.init(jax.random.key(0), batch)
+  np.testing.assert_array_equal(params["conv_in_support"]["kernel"],
+                                weight.transpose(2, 3, 1, 0))
+  # Field without tensors is an error naming both.
+  save_file(sd, str(unet_dir / "diffusion_pytorch_model.safetensors"))
+  with pytest.raises(ValueError, match="in_channels_ref present but conv_in_ref"):
+    W.load_pipeline(str(root))
+
+
 def test_pickles_need_allow_pickle(tmp_path):
   d = tmp_path / "text_encoder"
   d.mkdir()

@@ -464,6 +464,24 @@ def _coco_split_dir(split: str) -> str:
   raise ValueError(f"COCO-20i split {split!r}; valid splits: ['train', 'test'] ('val' = 'test')")
 
 
+def coco20i_paths(root: str, split: str) -> tuple[str, str, str, list[str]]:
+  """(resolved root, image dir, annotation file, missing paths) of a COCO-20i split.
+
+  Accepts the root itself or HSNet's `datapath` holding `COCO2014/`. Cheap: only checks that
+  the paths exist.
+  """
+  sub = _coco_split_dir(split)
+  if root and not os.path.isdir(os.path.join(root, "annotations")) and os.path.isdir(
+      os.path.join(root, "COCO2014", "annotations")):
+    root = os.path.join(root, "COCO2014")  # HSNet's datapath/COCO2014 layout.
+  image_dir = os.path.join(root, sub)
+  ann = os.path.join(root, "annotations", f"instances_{sub}.json")
+  if not root or not os.path.isdir(root):
+    return root, image_dir, ann, [os.path.abspath(root) if root else "<data.root is empty>"]
+  missing = [os.path.abspath(p) for p in (image_dir, ann) if not os.path.exists(p)]
+  return root, image_dir, ann, missing
+
+
 def coco20i(root: str, split: str, **kwargs) -> CocoSource:
   """COCO-20i source: split 'train' -> train2014, 'test' (or 'val') -> val2014.
 
@@ -472,15 +490,10 @@ def coco20i(root: str, split: str, **kwargs) -> CocoSource:
   `kwargs` go to `CocoSource` (cache_dir, crowd, min_area, skip_corrupt).
   """
   sub = _coco_split_dir(split)
-  if root and not os.path.isdir(os.path.join(root, "annotations")) and os.path.isdir(
-      os.path.join(root, "COCO2014", "annotations")):
-    root = os.path.join(root, "COCO2014")  # HSNet's datapath/COCO2014 layout.
-  image_dir = os.path.join(root, sub)
-  ann = os.path.join(root, "annotations", f"instances_{sub}.json")
-  missing = [p for p in (image_dir, ann) if not os.path.exists(p)]
-  if not root or not os.path.isdir(root) or missing:
+  root, image_dir, ann, missing = coco20i_paths(root, split)
+  if missing:
     raise DataError(f"COCO-20i data not found under root {root!r} (missing: "
-                    f"{missing or [root]}).\n" + COCO20I_LAYOUT.format(root=root or "<root>"))
+                    f"{missing}).\n" + COCO20I_LAYOUT.format(root=root or "<root>"))
   kwargs.setdefault("name", f"coco20i-{sub}")
   return CocoSource(image_dir, ann, **kwargs)
 

@@ -92,7 +92,8 @@ def _per_process_batch(global_batch_size: int, process_count: int) -> int:
 
 
 def transform_spec(config, normalization: str, *, train: bool) -> transforms.TransformSpec:
-  """The `TransformSpec` of config.data (augmentation only for training)."""
+  """The `TransformSpec` of config.data (augmentation and `train_image_interpolation` only for
+  training; evaluation images are always resized bilinearly)."""
   data = config.data
   return transforms.TransformSpec(
       image_size=int(data.image_size),
@@ -100,6 +101,8 @@ def transform_spec(config, normalization: str, *, train: bool) -> transforms.Tra
       normalization=normalization,
       augment=bool(data.get("augment", False)) and train,
       max_original_size=int(data.get("max_original_size", transforms.DEFAULT_MAX_ORIGINAL_SIZE)),
+      interpolation=str(data.get("train_image_interpolation", "bilinear")) if train
+      else "bilinear",
   )
 
 

@@ -12,6 +12,7 @@
 Splits: 'train' and 'test' everywhere ('val' is the test split for COCO, PASCAL and LVIS, which
 have no separate validation split); FSS-1000 has its own 'val' classes.
 `fold_classes_for(data, split)` gives the class ids that episodes of `split` draw from.
+`missing_inputs(data, splits)` is a cheap check (paths only) run before a job starts.
 """
 
 from __future__ import annotations
@@ -74,6 +75,33 @@ def build_source(data, split: str, cache_dir: str | None = None) -> Segmentation
     return fss1000.fss1000(root, split, skip_corrupt=skip)
   from fssjax.data import lvis  # pylint: disable=import-outside-toplevel
   return lvis.lvis92i(root, split, cache_dir=cache_dir, skip_corrupt=skip)
+
+
+def missing_inputs(data, splits=("train", "test")) -> list[str]:
+  """Human-readable lines naming each missing data input of `splits` (empty: nothing missing).
+
+  Only checks that paths exist (no index is built); the sources check contents when built.
+  The synthetic benchmark is generated on demand and is never missing.
+  """
+  ds = benchmark_of(data)
+  root = _get(data, "root", "")
+  if ds == "synthetic":
+    return []
+  if ds in ("coco20i", "coco20i_contiguous"):
+    from fssjax.data import coco  # pylint: disable=import-outside-toplevel
+    missing = []
+    for split in splits:
+      for path in coco.coco20i_paths(root, split)[3]:
+        if path not in missing:
+          missing.append(path)
+    if not missing:
+      return []
+    return [f"data.root = {root!r}: COCO 2014 not found (missing: {', '.join(missing)}).\n"
+            + coco.COCO20I_LAYOUT.format(root=root or "<root>")]
+  if not root or not os.path.isdir(root):
+    where = os.path.abspath(root) if root else "<data.root is empty>"
+    return [f"data.root = {root!r}: the {ds} data directory does not exist ({where})"]
+  return []
 
 
 def fold_classes_for(data, split: str, source: SegmentationSource | None = None,

@@ -5,7 +5,8 @@ mask [H,W]) into a network input:
 
   1. resize to the square `spec.image_size`:
      * 'square' (HSNet): image bilinear with PIL (what torchvision's `Resize` does on a PIL
-       image), mask nearest with PyTorch's `F.interpolate(mode='nearest')` index rule
+       image; `spec.interpolation='nearest'` uses PIL's nearest instead, as DiffewS's training
+       loader does), mask nearest with PyTorch's `F.interpolate(mode='nearest')` index rule
        (source index floor(dst * in / out)), so masks keep only their original values;
      * 'pad': keep the aspect ratio (longer side = image_size), place the resized image at the
        top-left corner and pad bottom / right: padded mask pixels are 255 (ignore), padded
@@ -37,6 +38,7 @@ IMAGENET_MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.asarray((0.229, 0.224, 0.225), np.float32)
 NORMALIZATIONS = ("imagenet", "minus_one_one")
 RESIZE_MODES = ("square", "pad")
+INTERPOLATIONS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 AUGMENT_SCALE = (1.0, 1.25)
 DEFAULT_MAX_ORIGINAL_SIZE = 1024
 
@@ -50,6 +52,7 @@ class TransformSpec:
     resize: 'square' or 'pad'.
     normalization: 'imagenet' or 'minus_one_one'.
     augment: random flip + zoom/crop (training only).
+    interpolation: image resampling, 'bilinear' or 'nearest' (PIL's filters).
     max_original_size: side of the canvas that keeps original-resolution query masks.
   """
 
@@ -58,6 +61,7 @@ class TransformSpec:
   normalization: str = "imagenet"
   augment: bool = False
   max_original_size: int = DEFAULT_MAX_ORIGINAL_SIZE
+  interpolation: str = "bilinear"
 
   def __post_init__(self):
     if int(self.image_size) < 1:
@@ -67,6 +71,9 @@ class TransformSpec:
     if self.normalization not in NORMALIZATIONS:
       raise ValueError(f"normalization={self.normalization!r}; expected one of "
                        f"{list(NORMALIZATIONS)}")
+    if self.interpolation not in INTERPOLATIONS:
+      raise ValueError(f"image interpolation={self.interpolation!r}; expected one of "
+                       f"{list(INTERPOLATIONS)}")
     if int(self.max_original_size) < 1:
       raise ValueError(f"data.max_original_size must be >= 1, got {self.max_original_size}")
 
@@ -99,11 +106,14 @@ def normalize(image: np.ndarray, normalization: str, out: np.ndarray | None = No
   return np.take(_LUTS[normalization], image + _CHANNEL_OFFSETS, out=out)
 
 
-def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of a uint8 [H,W,C] image with PIL (antialiased when shrinking)."""
+def resize_image(image: np.ndarray, height: int, width: int,
+                 interpolation: str = "bilinear") -> np.ndarray:
+  """Resize of a uint8 [H,W,C] image with PIL: 'bilinear' (antialiased when shrinking) or
+  'nearest'."""
   if image.shape[:2] == (height, width):
     return image
-  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+  return np.asarray(Image.fromarray(image).resize((width, height),
+                                                  INTERPOLATIONS[interpolation]))
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -129,8 +139,8 @@ def _check_record(image: np.ndarray, mask: np.ndarray) -> None:
                     f"{mask.dtype} {list(mask.shape)}")
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, size: int,
-                mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, mode: str,
+                interpolation: str = "bilinear") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Resizes an (image, mask) pair to [size, size].
 
   Returns:
@@ -139,7 +149,7 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int,
   """
   _check_record(image, mask)
   if mode == "square":
-    return (resize_image(image, size, size), resize_nearest(mask, size, size),
+    return (resize_image(image, size, size, interpolation), resize_nearest(mask, size, size),
             np.ones((size, size), bool))
   if mode != "pad":
     raise ValueError(f"data.resize={mode!r}; expected one of {list(RESIZE_MODES)}")
@@ -149,7 +159,7 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int,
   out_image = np.zeros((size, size, 3), np.uint8)
   out_mask = np.full((size, size), IGNORE, np.uint8)
   valid = np.zeros((size, size), bool)
-  out_image[:nh, :nw] = resize_image(image, nh, nw)
+  out_image[:nh, :nw] = resize_image(image, nh, nw, interpolation)
   out_mask[:nh, :nw] = resize_nearest(mask, nh, nw)
   valid[:nh, :nw] = True
   return out_image, out_mask, valid
@@ -197,7 +207,8 @@ def prepare(image: np.ndarray, mask: np.ndarray, spec: TransformSpec,
     image float32 [S,S,3] normalised (0 on padding), mask uint8 [S,S] (255 on padding).
   """
   size = int(spec.image_size)
-  image, mask, valid = resize_pair(np.asarray(image), np.asarray(mask), size, spec.resize)
+  image, mask, valid = resize_pair(np.asarray(image), np.asarray(mask), size, spec.resize,
+                                   spec.interpolation)
   if spec.augment:
     if rng is None:
       raise ValueError("augmentation needs a random generator")

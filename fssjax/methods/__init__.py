@@ -1,6 +1,7 @@
 """Methods: one module per method, each defining a `Method` subclass named `METHOD`.
 
-`get_method(config)` builds the method named by `config.method`.
+`get_method(config)` builds the method named by `config.method`; `get_method_class(config)`
+is its class (for checks that need no instance).
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ REGISTRY = {
 }
 
 
-def get_method(config: ml_collections.ConfigDict) -> Method:
+def get_method_class(config: ml_collections.ConfigDict) -> type[Method]:
   name = config.method
   if name not in REGISTRY:
     raise ValueError(f"Unknown method {name!r} in config.method; known: {sorted(REGISTRY)}")
-  module = importlib.import_module(REGISTRY[name])
-  return module.METHOD(config)
+  return importlib.import_module(REGISTRY[name]).METHOD
+
+
+def get_method(config: ml_collections.ConfigDict) -> Method:
+  return get_method_class(config)(config)

@@ -60,6 +60,17 @@ class Method(abc.ABC):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 
+  @classmethod
+  def missing_inputs(cls, config: ml_collections.ConfigDict) -> list[str]:
+    """Lines naming each file the method needs per `config` that does not exist (weights).
+
+    Checked before a job starts (`fssjax.train.preflight`), so that a run without its inputs
+    fails at once with one message listing all of them. Only checks paths; loading checks
+    contents.
+    """
+    del config
+    return []
+
   @abc.abstractmethod
   def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[PyTree, PyTree]:
     """Returns (params, frozen) for an example batch (only shapes matter)."""
@@ -78,8 +89,3 @@ class Method(abc.ABC):
     `scores > self.threshold` as foreground. Returning native-resolution scores (HSNet: a
     quarter of the input) keeps that a single interpolation, as in the published code.
     """
-
-  def summary_images(self, params: PyTree, frozen: PyTree,
-                     batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Optional extra images for TensorBoard, name -> [N, H, W, 3] float in [0, 1]."""
-    return {}

@@ -5,7 +5,9 @@ Published recipe (aim-uofa/DiffewS; DESIGN section 5):
     through the frozen KL-VAE encoder (posterior mean x 0.18215).
   * Support branch: a second input conv with 8 channels (support image latent ++ support mask
     latent), initialised from the UNet's own conv_in kernel repeated along the input channels
-    and halved (so it initially computes the mean of the two inputs' conv_in responses).
+    and halved (so it initially computes the mean of the two inputs' conv_in responses). A
+    DiffewS-layout checkpoint (`conv_in_ref.*` in unet/, e.g. a trained DiffewS release) brings
+    its own support conv, which is used as is.
   * The support pass runs the UNet on each support and records K and V of every self-attention
     (attn1) of every transformer block. The query pass appends the bank to its own K and V
     (queries stay the query's own). K supports: all K x HW support tokens in one bank.
@@ -32,7 +34,8 @@ Autoencoders (`config.model.autoencoder`):
     the image information, and its MSE is the pixel MSE. Documented in configs/diffews_coco.py.
 
 Config keys (`config.model`): sd_path, autoencoder, space_to_depth_factor, unet (diffusers UNet
-config dict, used without sd_path), vae (diffusers VAE config dict, 'kl' without sd_path),
+config dict, used without sd_path; empty = SD 2.1's), vae (diffusers VAE config dict, 'kl'
+without sd_path; empty = SD 2.1's),
 timestep, mask_threshold_kind ('relative' | 'absolute'), mask_threshold, remat,
 allow_pickle_weights.
 """
@@ -138,14 +141,14 @@ class DiffewS(Method):
                                           allow_pickle=allow_pickle)
       self.unet = self._pretrained.unet
     else:
-      unet_cfg = unet_lib.UNetConfig.from_diffusers(dict(m.get("unet", SD21_UNET)))
+      unet_cfg = unet_lib.UNetConfig.from_diffusers(dict(m.get("unet") or SD21_UNET))
       self.unet = unet_lib.UNet2DConditionModel(unet_cfg, dtype=self.dtype, remat=remat)
     if self.autoencoder_kind == "kl":
       if self._pretrained is not None:
         self.vae = self._pretrained.vae
       else:
         self.vae = vae_lib.AutoencoderKL(
-            vae_lib.VAEConfig.from_diffusers(dict(m.get("vae", SD21_VAE))), dtype=self.dtype)
+            vae_lib.VAEConfig.from_diffusers(dict(m.get("vae") or SD21_VAE)), dtype=self.dtype)
       self.latent_channels = self.vae.config.latent_channels
     elif self.autoencoder_kind == "space_to_depth":
       self.vae = SpaceToDepthAutoencoder(m.get("space_to_depth_factor", 4))
@@ -160,6 +163,22 @@ class DiffewS(Method):
           f"autoencoder's latent channels ({self.latent_channels}); set config.model.unet's "
           "in_channels and out_channels")
     self.bank_keys = unet_lib.kv_bank_keys(ucfg)
+
+  @classmethod
+  def missing_inputs(cls, config: ml_collections.ConfigDict) -> list[str]:
+    path = config.model.get("sd_path", "") or ""
+    if not path:
+      return []
+    where = os.path.abspath(path)
+    if not os.path.isdir(path):
+      return [f"model.sd_path = {path!r}: no such directory ({where}); expected a "
+              "diffusers-layout Stable Diffusion 2.1 (unet/, vae/, text_encoder/, tokenizer/), "
+              "e.g. a local copy of stabilityai/stable-diffusion-2-1"]
+    absent = [c for c in ("unet", "vae", "text_encoder", "tokenizer")
+              if not os.path.isdir(os.path.join(path, c))]
+    if absent:
+      return [f"model.sd_path = {path!r}: {where} lacks the component folder(s) {absent}"]
+    return []
 
   # -- Autoencoder (frozen) -------------------------------------------------------------
 
@@ -205,9 +224,20 @@ class DiffewS(Method):
                         "(only meaningful for tests and benchmarks).")
         vae_params = self.vae.init(r_vae, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
     conv_in = unet_params["conv_in"]
-    # The support conv: the original kernel repeated over (image latent ++ mask latent), halved.
-    support = {"kernel": jnp.concatenate([conv_in["kernel"], conv_in["kernel"]], axis=2) / 2.0,
-               "bias": jnp.asarray(conv_in["bias"])}
+    loaded = self._pretrained.support_conv if self._pretrained is not None else None
+    if loaded is not None:
+      # A DiffewS-layout checkpoint (conv_in_ref.*): its own support conv.
+      support = {"kernel": jnp.asarray(loaded["kernel"], jnp.float32),
+                 "bias": jnp.asarray(loaded["bias"], jnp.float32)}
+      if support["kernel"].shape[2] != 2 * self.latent_channels:
+        raise ValueError(f"{self.sd_path}: the UNet's conv_in_ref takes "
+                         f"{support['kernel'].shape[2]} channels; DiffewS needs image latent ++ "
+                         f"mask latent = {2 * self.latent_channels}")
+      logging.info("DiffewS: support conv loaded from the checkpoint's conv_in_ref")
+    else:
+      # The original kernel repeated over (image latent ++ mask latent), halved.
+      support = {"kernel": jnp.concatenate([conv_in["kernel"], conv_in["kernel"]], axis=2) / 2.0,
+                 "bias": jnp.asarray(conv_in["bias"])}
     params = {"unet": unet_params, "conv_in_support": support}
     frozen = {"vae": vae_params, "context": jnp.asarray(context, jnp.float32)}
     return params, frozen

@@ -32,6 +32,7 @@ Support masks: pixels equal to 1 are foreground; 0 and 255 are background for th
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from absl import logging
@@ -151,6 +152,14 @@ class HSNet(Method):
         backbone_trainable=self.trainable_backbone,
         dtype=compute_dtype(config),
     )
+
+  @classmethod
+  def missing_inputs(cls, config: ml_collections.ConfigDict) -> list[str]:
+    path = config.model.get("backbone_weights", "")
+    if path and not os.path.isfile(path):
+      return [f"model.backbone_weights = {path!r}: no such file ({os.path.abspath(path)}); "
+              "expected a torchvision ImageNet state dict saved as safetensors"]
+    return []
 
   # ---------------------------------------------------------------------------------------------
   # Parameters.

@@ -24,9 +24,9 @@ Functions: `load_unet(path)`, `load_vae(path)`, `load_text_encoder(path)` -> (mo
 `load_tokenizer(path)`; `load_pipeline(root)` -> `StableDiffusion`. `path` is either the
 component directory or a pipeline root containing it. Lower level: `read_state_dict`,
 `read_config`, `unet_params_from_state_dict`, `vae_params_from_state_dict`,
-`text_encoder_params_from_state_dict` (DiffewS checkpoints carry an extra `conv_in_ref.*` and
-config field `in_channels_ref`: pop them from the state dict and pass
-`ignore_config_fields=('in_channels_ref',)`).
+`text_encoder_params_from_state_dict`. DiffewS-layout UNets carry an extra support input conv
+(`conv_in_ref.*`, config field `in_channels_ref`): `load_pipeline` returns it as
+`StableDiffusion.support_conv` (`support_conv_from_state_dict` does the conversion).
 """
 
 from __future__ import annotations
@@ -306,18 +306,65 @@ def text_encoder_params_from_state_dict(config: CLIPTextConfig,
 # Loaders.
 
 
+def support_conv_from_state_dict(state_dict: dict, raw_config: Mapping[str, Any],
+                                 config: UNetConfig, *, param_dtype: Any = jnp.float32,
+                                 component: str = "unet") -> Optional[PyTree]:
+  """Pops DiffewS's support input conv (`conv_in_ref.*`, config `in_channels_ref`) out of a
+  UNet state dict -> {kernel [3, 3, in_channels_ref, C0] (HWIO), bias [C0]}, or None when the
+  checkpoint has none. Both the tensors and the config field must be present together."""
+  has_field = "in_channels_ref" in raw_config
+  has_tensors = any(k.startswith("conv_in_ref.") for k in state_dict)
+  if not has_field and not has_tensors:
+    return None
+  if has_field != has_tensors:
+    raise ValueError(f"{component}: DiffewS support conv: config field in_channels_ref "
+                     f"{'present' if has_field else 'absent'} but conv_in_ref.* tensors "
+                     f"{'present' if has_tensors else 'absent'}")
+  c_in, c_out = int(raw_config["in_channels_ref"]), config.block_out_channels[0]
+  weight = state_dict.pop("conv_in_ref.weight", None)
+  bias = state_dict.pop("conv_in_ref.bias", None)
+  odd = sorted(k for k in state_dict if k.startswith("conv_in_ref."))
+  if weight is None or bias is None or odd:
+    raise ValueError(f"{component}: expected conv_in_ref.weight and conv_in_ref.bias, got "
+                     f"{'weight ' if weight is not None else ''}"
+                     f"{'bias ' if bias is not None else ''}{odd}")
+  k = config.conv_in_kernel
+  kernel = _convert_tensor("conv_in_ref.weight", np.asarray(weight, np.float32), "kernel",
+                           (k, k, c_in, c_out), component, "conv_in_support/kernel")
+  bias = _convert_tensor("conv_in_ref.bias", np.asarray(bias, np.float32), "bias", (c_out,),
+                         component, "conv_in_support/bias")
+  return {"kernel": jnp.asarray(kernel.astype(np.dtype(param_dtype))),
+          "bias": jnp.asarray(bias.astype(np.dtype(param_dtype)))}
+
+
 def load_unet(path: str, *, dtype: Any = None, param_dtype: Any = jnp.float32,
               remat: bool = False, attention_implementation: Optional[str] = None,
               variant: Optional[str] = None, allow_pickle: bool = False,
-              ignore_config_fields: Sequence[str] = ()) -> Tuple[UNet2DConditionModel, PyTree]:
-  """Loads `unet/` (or `path` itself) -> (UNet2DConditionModel, params)."""
+              ignore_config_fields: Sequence[str] = (),
+              return_support_conv: bool = False):
+  """Loads `unet/` (or `path` itself) -> (UNet2DConditionModel, params).
+
+  A DiffewS-layout UNet (config field `in_channels_ref`, tensors `conv_in_ref.*`: the
+  published `stable-diffusion-2-1-ref8inchannels` start point and trained DiffewS releases)
+  is accepted; with `return_support_conv=True` the result is (module, params, support conv or
+  None), the support conv as {kernel HWIO, bias}. Without it such a checkpoint is an error.
+  """
   directory = _component_dir(path, "unet")
-  config = UNetConfig.from_diffusers(read_config(directory), ignore_fields=ignore_config_fields)
-  sd = read_state_dict(directory, "diffusion_pytorch_model", variant=variant,
-                       allow_pickle=allow_pickle)
+  raw = read_config(directory)
+  ignore = tuple(ignore_config_fields)
+  if return_support_conv:
+    ignore += ("in_channels_ref",)
+  config = UNetConfig.from_diffusers(raw, ignore_fields=ignore)
+  sd = dict(read_state_dict(directory, "diffusion_pytorch_model", variant=variant,
+                            allow_pickle=allow_pickle))
+  support = None
+  if return_support_conv:
+    support = support_conv_from_state_dict(sd, raw, config, param_dtype=param_dtype)
   params = unet_params_from_state_dict(config, sd, param_dtype=param_dtype)
   module = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                 attention_implementation=attention_implementation)
+  if return_support_conv:
+    return module, params, support
   return module, params
 
 
@@ -370,6 +417,8 @@ class StableDiffusion:
   text_encoder_params: PyTree
   tokenizer: Any
   model_index: dict
+  # DiffewS's support input conv {kernel, bias} when the UNet carries one (conv_in_ref.*).
+  support_conv: Optional[PyTree] = None
 
 
 _EXPECTED_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
@@ -397,10 +446,10 @@ def load_pipeline(root: str, *, dtype: Any = None, param_dtype: Any = jnp.float3
       name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else entry
       if name != cls and not (comp == "tokenizer" and name == "CLIPTokenizerFast"):
         raise ValueError(f"{index_path}: component {comp!r} is {entry!r}; fssjax loads {cls}")
-  unet, unet_params = load_unet(os.path.join(root, "unet"), dtype=dtype,
-                                param_dtype=param_dtype, remat=remat,
-                                attention_implementation=attention_implementation,
-                                variant=variant, allow_pickle=allow_pickle)
+  unet, unet_params, support_conv = load_unet(
+      os.path.join(root, "unet"), dtype=dtype, param_dtype=param_dtype, remat=remat,
+      attention_implementation=attention_implementation, variant=variant,
+      allow_pickle=allow_pickle, return_support_conv=True)
   vae, vae_params = load_vae(os.path.join(root, "vae"), dtype=dtype, param_dtype=param_dtype,
                              variant=variant, allow_pickle=allow_pickle)
   text, text_params = load_text_encoder(os.path.join(root, "text_encoder"), dtype=dtype,
@@ -408,4 +457,5 @@ def load_pipeline(root: str, *, dtype: Any = None, param_dtype: Any = jnp.float3
                                         attention_implementation=attention_implementation,
                                         variant=variant, allow_pickle=allow_pickle)
   return StableDiffusion(unet, unet_params, vae, vae_params, text, text_params,
-                         load_tokenizer(os.path.join(root, "tokenizer")), model_index)
+                         load_tokenizer(os.path.join(root, "tokenizer")), model_index,
+                         support_conv)
