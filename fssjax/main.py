@@ -83,7 +83,8 @@ def main(argv: Sequence[str]) -> None:
 
 def _demo_hint() -> str:
   """How to run this config's offline demo instead (when the config file has one)."""
-  filename = flags.FLAGS["config"].config_filename
+  # config_filename is the flag's whole value, 'path.py[:arg]'.
+  filename = flags.FLAGS["config"].config_filename.split(":", 1)[0]
   try:
     spec = importlib.util.spec_from_file_location("_fssjax_config", filename)
     module = importlib.util.module_from_spec(spec)

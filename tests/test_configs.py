@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from fssjax import train
 from fssjax.data import pipeline, transforms
@@ -88,14 +89,14 @@ def test_cli_without_data_or_weights_says_what_is_missing_and_how_to_run_the_dem
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
-      [sys.executable, "-m", "fssjax.main", f"--config={REPO}/configs/diffews_coco.py",
+      [sys.executable, "-m", "fssjax.main", f"--config={REPO}/configs/diffews_coco.py:fold=1",
        f"--workdir={tmp_path}/run"], cwd=tmp_path, env=env, capture_output=True, text=True,
       timeout=300)
   assert proc.returncode != 0
   err = proc.stderr
   assert "data.root = 'datasets/COCO2014'" in err and "model.sd_path" in err
   assert str(tmp_path / "weights/stable-diffusion-2-1") in err
-  assert "configs/diffews_coco.py:demo" in err
+  assert "configs/diffews_coco.py:demo --workdir" in err
   assert "Traceback" not in err
 
 
@@ -142,7 +143,6 @@ def test_diffews_demo_recipe_trains_and_evaluates_end_to_end(tmp_path, monkeypat
   results = json.loads((work / "results.json").read_text())["results"]
   assert results["n_episodes"] == 4 and 0.0 <= results["miou"] <= 100.0
   assert (work / "checkpoints" / "3").is_dir()
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   acc = event_accumulator.EventAccumulator(str(work), size_guidance={"tensors": 0})
   acc.Reload()
   tags = acc.Tags()["tensors"]
