@@ -22,8 +22,7 @@ from fssjax.nn.attention import MultiHeadAttention, SelfAttention
 from fssjax.nn.unet import (BasicTransformerBlock, UNet2DConditionModel, UNetConfig,
                             kv_bank_keys, merge_support_bank)
 from fssjax.weights.diffusers import load_unet
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
+from parity import FIXTURES, assert_close  # tests/parity.py
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,14 +42,6 @@ def unet(name: str):
                         return_kv=return_kv, conv_in_override=conv_in_override)
 
   return module, params, apply
-
-
-def assert_close(actual, expected, tol=1e-4, what=""):
-  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  err = np.abs(actual - expected).max()
-  bound = tol * max(1.0, float(np.abs(expected).max()))
-  assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
 
 
 @pytest.mark.parametrize("name", ["sd15_tiny", "sd21_tiny", "unet_variants"])

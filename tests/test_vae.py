@@ -14,16 +14,7 @@ import pytest
 
 from fssjax.nn.vae import VAEConfig
 from fssjax.weights.diffusers import load_vae
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
-
-
-def assert_close(actual, expected, tol=1e-4, what=""):
-  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
-  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-  err = np.abs(actual - expected).max()
-  bound = tol * max(1.0, float(np.abs(expected).max()))
-  assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g}"
+from parity import FIXTURES, assert_close  # tests/parity.py
 
 
 def test_vae_matches_diffusers():
