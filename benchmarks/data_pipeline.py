@@ -10,6 +10,11 @@ times `--windows` windows of `--window_batches` batches and prints the median (a
 windows) of batches/s and episodes/s. One line per (source, workers):
 
   python benchmarks/data_pipeline.py [--batch_size=8 --workers=0,2 --root=/tmp/fssjax_bench]
+                                     [--views=sam,clip]
+
+`--views` adds extra image views built in the workers (fssjax.data.views): 'sam' (1024,
+longest side, padded, SAM normalisation) and 'clip' (336 square, CLIP normalisation), to
+measure what a method's extra views cost.
 
 The figures depend on the machine's free CPU cores; each line says how many it has.
 """
@@ -37,6 +42,17 @@ _WINDOW_BATCHES = flags.DEFINE_integer("window_batches", 4, "Batches per timed w
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 400, "Network input side.")
 _SHOT = flags.DEFINE_integer("shot", 1, "Supports per episode.")
 _SOURCES = flags.DEFINE_list("sources", ["synthetic", "coco_like"], "Sources to measure.")
+_VIEWS = flags.DEFINE_list("views", [], "Extra views to build: sam, clip.")
+
+
+def _views():
+  from fssjax.data import views  # pylint: disable=g-import-not-at-top
+  known = {"sam": views.ViewSpec("sam", 1024, resize="longest_side", normalization="sam"),
+           "clip": views.ViewSpec("clip", 336, normalization="clip", interpolation="bicubic")}
+  unknown = [v for v in _VIEWS.value if v not in known]
+  if unknown:
+    raise app.UsageError(f"--views: unknown views {unknown}; known: {sorted(known)}")
+  return [known[v] for v in _VIEWS.value]
 
 # name -> synthetic generator settings (train images are what the train stream reads).
 SOURCE_SETTINGS = {
@@ -65,7 +81,7 @@ def measure(name: str, workers: int) -> dict:
   config.train.num_steps = total
   loader = pipeline.train_loader(config, src, classes, normalization="imagenet", seed=0,
                                  global_batch_size=_BATCH.value, process_index=0,
-                                 process_count=1)
+                                 process_count=1, views=_views())
   it = iter(loader)
   try:
     t0 = time.perf_counter()
@@ -84,7 +100,8 @@ def measure(name: str, workers: int) -> dict:
   return dict(
       benchmark="data_pipeline", source=name, image_file_size=settings["size"],
       image_format=settings["image_format"], image_size=_IMAGE_SIZE.value, shot=_SHOT.value,
-      workers=workers, batch_size=_BATCH.value, warmup_batches=_WARMUP.value,
+      workers=workers, batch_size=_BATCH.value, views=list(_VIEWS.value),
+      warmup_batches=_WARMUP.value,
       warmup_s=round(warmup_s, 3), windows=_WINDOWS.value,
       window_batches=_WINDOW_BATCHES.value,
       batches_per_s=round(median, 3), episodes_per_s=round(median * _BATCH.value, 2),

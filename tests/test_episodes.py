@@ -61,8 +61,20 @@ def test_in_memory_source_rejects_bad_labels():
                    ["a", "b"])
   with pytest.raises(DataError, match="image 0: expected uint8"):
     InMemorySource([image.astype(np.float32)], [np.zeros((4, 4), np.uint8)], ["a"])
-  with pytest.raises(DataError, match="label map 0: expected uint8 \\[4, 4\\]"):
-    InMemorySource([image], [np.zeros((4, 5), np.uint8)], ["a"])
+  with pytest.raises(DataError, match="label map 0: expected uint8 \\[H, W\\]"):
+    InMemorySource([image], [np.zeros((4, 5, 2), np.uint8)], ["a"])
+
+
+def test_in_memory_label_map_of_another_size_is_resized_nearest():
+  """The rule of every source: a 13x14 label map of a 12x12 image is resized (nearest)."""
+  image = np.zeros((12, 12, 3), np.uint8)
+  label = np.zeros((13, 14), np.uint8)
+  label[:, 7:] = 1  # right half
+  src = InMemorySource([image], [label], ["a"])
+  _, mask = src.load(0, 0)
+  assert mask.shape == (12, 12) and src.resized_masks == 1
+  # PyTorch 'nearest': column x reads floor(x * 14 / 12); columns 6.. read 7.. -> foreground
+  assert mask[0].tolist() == [0] * 6 + [1] * 6
 
 
 def test_classes_with_too_few_images_are_left_out_and_logged(source, caplog):
@@ -222,3 +234,62 @@ def test_cli_manifest_matches_in_process_list(tmp_path, monkeypatch):
   digest = ep.episodes_sha256(eps, source)
   assert printed["sha256"] == digest == json.load(open(out))["sha256"]
   assert json.load(open(out))["episodes"][0]["query"] == source.record_key(eps[0].query)
+
+
+# ---------------------------------------------------------------------------- pinned episodes
+
+# sha256 of today's episode lists, computed before the support-policy hook was added: the
+# 'random' policy must keep them bit for bit (`episodes_sha256` is the manifest's hash).
+PINNED_SYNTHETIC = {1: "2f8d25d202a4911726f547813298672e17f050944e6da7273ec7f0b1c724d95d",
+                    5: "d6aea4e6e4cd654d022d95a3f550629de8682fb58dc7ae06eb0f6346043dfcd2"}
+PINNED_TOY = {"coco20i": "473c3e1b13f8b49656d58c485c274ba305e32f3f596df8fc0414d5d81412e89a",
+              "pascal5i": "39ece36a977ddc017137ac5781c1a6ca1b6f22561499cda8d4ea72035dc117f6",
+              "fss1000": "0d013c4255d15453789524700950033f772095f0770f9114c31df84129ad26bb",
+              "lvis92i": "7ba81e1282dc4080cfeabadbbda795711ccaafdaa62cdec4cf2b62a95df813b9"}
+
+
+def test_synthetic_fold0_manifest_hash_is_pinned(tmp_path):
+  from fssjax.data import coco, folds, synthetic
+
+  root = str(tmp_path / "synth")
+  synthetic.generate(root, train=1, val=240, size=64, seed=3, workers=1)
+  src = coco.synthetic(root, "test", cache_dir=str(tmp_path / "cache"))
+  classes = folds.fold_classes("synthetic", 0, "test")
+  for shot, digest in PINNED_SYNTHETIC.items():
+    eps = ep.test_episodes("synthetic", src, classes, 50, shot, seed=0)
+    assert ep.write_manifest(str(tmp_path / f"m{shot}.json"), eps, src, {}) == digest
+    assert eps == ep.test_episodes("synthetic", src, classes, 50, shot, seed=0,
+                                   policy="random")
+    assert all(e.support_classes is None for e in eps)
+    assert "support_classes" not in json.load(open(tmp_path / f"m{shot}.json"))["episodes"][0]
+
+
+@pytest.mark.parametrize("benchmark", sorted(PINNED_TOY))
+def test_every_rule_keeps_its_pinned_episodes(source, benchmark):
+  eps = ep.test_episodes(benchmark, source, [0, 1, 2, 3], 60, 2, seed=0)
+  assert ep.episodes_sha256(eps, source) == PINNED_TOY[benchmark]
+
+
+def test_a_query_is_never_its_own_support_in_memory():
+  """A data set listing one image twice: that image never supports itself."""
+  rng = np.random.default_rng(0)
+  base = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+  label = np.ones((8, 8), np.uint8)
+  images = [base[0], base[1], base[0].copy(), base[2]]  # records 0 and 2: one image
+  src = InMemorySource(images, [label] * 4, ["a"], name="dup")
+  assert src.image_key(0) == src.image_key(2) != src.image_key(1)
+  for benchmark in ("coco20i", "pascal5i", "fss1000", "lvis92i"):
+    for e in ep.test_episodes(benchmark, src, [0], 200, 1, seed=0):
+      assert {e.query, e.supports[0]} != {0, 2}, (benchmark, e)
+    eps = ep.test_episodes(benchmark, src, [0], 200, 2, seed=0)
+    for e in eps:
+      keys = [src.image_key(r) for r in (e.query,) + e.supports]
+      assert len(set(keys)) == 3, (benchmark, e)  # query and supports: distinct images
+  # Three distinct images: 3-shot is impossible although the class lists four records.
+  with pytest.raises(DataError, match="none of the 1 classes has 4 images"):
+    ep.test_episodes("coco20i", src, [0], 5, 3, seed=0)
+  sampler = ep.EpisodeSampler(src, [0], max_shot=2)
+  rng = np.random.default_rng(1)
+  for _ in range(200):
+    e = sampler.episode(rng, 2)
+    assert len({src.image_key(r) for r in (e.query,) + e.supports}) == 3

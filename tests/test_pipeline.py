@@ -315,3 +315,73 @@ def test_loaders_read_a_generated_coco_format_set(tmp_path):
   batch = next(iter(loader))
   assert set(batch["class_id"]) <= set(train_classes)
   assert all((batch["query_mask"][i] == 1).any() for i in range(2))
+
+
+# ---------------------------------------------------------------------------- empty supports
+
+
+def _tiny_object_source() -> InMemorySource:
+  """64x64 images of class 'a': records 0..5 hold a 2x2 object at rows / cols 1..2 (empty at
+  16x16 with HSNet's aligned-corner bilinear resize), records 6..11 a 12x12 object."""
+  rng = np.random.default_rng(5)
+  images, labels = [], []
+  for i in range(12):
+    images.append(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    label = np.zeros((64, 64), np.uint8)
+    if i < 6:
+      label[1:3, 1:3] = 1
+    else:
+      label[20:32, 20:32] = 1
+    labels.append(label)
+  return InMemorySource(images, labels, ["a"], name="tiny")
+
+
+def test_support_is_empty_follows_the_methods_mask_resize():
+  import jax.numpy as jnp
+  from fssjax.nn.ops import resize_bilinear
+
+  for r0, size, expected in ((1, 16, True), (4, 16, False), (1, 64, False), (1, 0, False)):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[r0:r0 + 2, r0:r0 + 2] = 1
+    mask[40, 40] = IGNORE  # ignore is background for the check
+    assert T.support_is_empty(mask, size) == expected, (r0, size)
+    if size:
+      fg = jnp.asarray((mask == 1).astype(np.float32))[None, :, :, None]
+      ref = resize_bilinear(fg, (size, size), axes=(1, 2), align_corners=True)
+      assert bool((np.asarray(ref) > 0).any()) != expected
+  assert T.support_is_empty(np.zeros((8, 8), np.uint8), 4)
+
+
+def test_training_redraws_empty_supports_and_evaluation_counts_them():
+  src = _tiny_object_source()
+  config = _config(support_check_size=16)
+  config.data.image_size = 64
+  checked = pipeline.train_loader(config, src, [0], normalization="imagenet", seed=1,
+                                  global_batch_size=8, process_index=0, process_count=1,
+                                  worker_count=0)
+  plain_config = _config()
+  plain_config.data.image_size = 64
+  plain = pipeline.train_loader(plain_config, src, [0], normalization="imagenet", seed=1,
+                                global_batch_size=8, process_index=0, process_count=1,
+                                worker_count=0)
+  redrawn = 0
+  for step in range(3):
+    a, b = checked.batch_at(step), plain.batch_at(step)
+    assert "support_empty" not in b and a["support_empty"].shape == (8, 1)
+    assert not a["support_empty"].any()
+    for i in range(8):
+      assert not T.support_is_empty(a["support_masks"][i, 0], 16)
+      np.testing.assert_array_equal(a["query_image"][i], b["query_image"][i])  # same query
+      if T.support_is_empty(b["support_masks"][i, 0], 16):
+        redrawn += 1
+    _assert_same(a, checked.batch_at(step))  # deterministic
+  assert redrawn > 3  # half the images are tiny: many supports were redrawn
+
+  eps = [ep.Episode(0, 6, (0,)), ep.Episode(0, 7, (8,)), ep.Episode(0, 0, (1,))]
+  batch = next(iter(pipeline.eval_loader(config, src, eps, normalization="imagenet",
+                                         global_batch_size=4, shot=1, process_index=0,
+                                         process_count=1, worker_count=0)))
+  assert batch["support_empty"][:, 0].tolist() == [True, False, True, False]
+  with pytest.raises(ValueError, match="support_check_size must be >= 0"):
+    pipeline.eval_loader(_config(support_check_size=-1), src, eps, normalization="imagenet",
+                         global_batch_size=4, shot=1, process_index=0, process_count=1)

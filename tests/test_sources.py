@@ -8,6 +8,7 @@ own `COCO.annToMask`.
 """
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -238,7 +239,7 @@ def test_coco_source_pickles(coco_set):
   np.testing.assert_array_equal(clone.images_with_class(1), src.images_with_class(1))
 
 
-def test_coco_errors(tmp_path, coco_set):
+def test_coco_errors(tmp_path, coco_set, caplog):
   image_dir, ann, _, cache = coco_set
   with pytest.raises(DataError) as e:
     coco.coco20i(str(tmp_path / "nowhere"), "train", cache_dir=cache)
@@ -258,12 +259,17 @@ def test_coco_errors(tmp_path, coco_set):
   skip.load(3, 2)
   assert skip.corrupt_count == 1  # remembered, not decoded again
 
-  # Image size differs from the annotation's height/width: both files and sizes named.
+  # Image size differs from the annotation's height/width: the mask is resized (nearest) to
+  # the image, counted, and logged with both names and sizes.
+  _, expected = src.load(0, 0)
   Image.fromarray(_rand_image(21, 30)).save(os.path.join(image_dir, "a.png"))
-  with pytest.raises(DataError) as e:
-    src.load(0, 0)
-  msg = str(e.value)
-  assert "a.png" in msg and "21x30" in msg and "20x30" in msg and ann in msg
+  before = imageio.resized_mask_count()
+  with caplog.at_level(logging.WARNING):
+    image, mask = src.load(0, 0)
+  assert image.shape == (21, 30, 3) and mask.shape == (21, 30)
+  np.testing.assert_array_equal(mask, expected[np.minimum(np.arange(21) * 20 // 21, 19)])
+  assert src.resized_masks == 1 and imageio.resized_mask_count() == before + 1
+  assert "a.png is 21x30" in caplog.text and "image id 10 is 20x30" in caplog.text
 
   os.unlink(os.path.join(image_dir, "e.png"))
   with pytest.raises(DataError, match=r"Missing image file: .*e\.png"):
@@ -414,10 +420,9 @@ def test_pascal_errors(tmp_path):
   lst = tmp_path / "bad.txt"
   lst.write_text("bad\n")
   src = pascal.PascalSource(voc, "train", image_list=str(lst), cache_dir=str(tmp_path / "c"))
-  with pytest.raises(DataError) as e:
-    src.load(0, 5)
-  msg = str(e.value)
-  assert "bad.jpg" in msg and "bad.png" in msg and "10x10" in msg and "10x12" in msg
+  image, mask = src.load(0, 5)  # a 10x12 label map for a 10x10 image: resized nearest
+  assert image.shape == (10, 10, 3) and mask.shape == (10, 10) and np.all(mask == 1)
+  assert src.resized_masks == 1
   with pytest.raises(ValueError, match="fold 4"):
     pascal.pascal5i(voc, "test", 4)
 
@@ -600,3 +605,163 @@ def test_build_source_synthetic(tmp_path):
   ann_ids = api.getAnnIds(imgIds=[img_id], catIds=[src.category_ids[c]], iscrowd=False)
   _, mask = src.load(r, c)
   np.testing.assert_array_equal(mask, _ref_mask(synthetic.annotation_file(root, "val"), ann_ids))
+
+
+# ----------------------------------------------------------------------------- issue 8 faults
+
+
+def test_read_rgb_decodes_every_mode_to_8bit_without_clipping(tmp_path):
+  """Each Pillow mode becomes uint8 RGB by the stated rule; deep images are scaled, not
+  clipped (Pillow's own convert('RGB') turns every 16-bit value above 255 into white)."""
+  v16 = np.array([[0, 257, 32896, 65535]], np.uint16)  # 8-bit values 0, 1, 128, 255
+  want16 = np.array([0, 1, 128, 255], np.uint8)
+  Image.fromarray(v16).save(tmp_path / "g16.png")  # mode I;16
+  Image.frombytes("I;16B", (4, 1), v16.astype(">u2").tobytes()).save(tmp_path / "g16b.tif")
+  Image.fromarray(v16.astype(np.int32)).save(tmp_path / "i32.tif")  # mode I, 16-bit values
+  Image.fromarray(np.array([[0, 0.5, 1, 0.25]], np.float32)).save(tmp_path / "f01.tif")
+  Image.fromarray(np.array([[0, 100.4, 255, 7]], np.float32)).save(tmp_path / "f255.tif")
+  for name, mode, want in (("g16.png", "I;16", want16), ("g16b.tif", "I;16B", want16),
+                           ("i32.tif", "I", want16), ("f01.tif", "F", [0, 128, 255, 64]),
+                           ("f255.tif", "F", [0, 100, 255, 7])):
+    assert Image.open(tmp_path / name).mode == mode
+    rgb = imageio.read_rgb(str(tmp_path / name))
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3), name
+    np.testing.assert_array_equal(rgb[0], np.stack([want] * 3, -1), err_msg=name)
+  # A 16-bit FSS-style mask read as luminance is scaled too: 32896 is 128, foreground.
+  np.testing.assert_array_equal(imageio.read_mask(str(tmp_path / "g16.png"), gray=True)[0],
+                                want16)
+
+  # Palette with transparency: the palette colours, no Pillow warning.
+  p = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+  p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+  p.info["transparency"] = 0
+  p.save(tmp_path / "pt.png", transparency=0)
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    rgb = imageio.read_rgb(str(tmp_path / "pt.png"))
+  assert rgb[0, 0].tolist() == [10, 20, 30] and rgb[0, 1].tolist() == [200, 100, 50]
+  # LA (grey + alpha), 1-bit, RGBA, CMYK.
+  la = np.stack([np.array([[7, 250]], np.uint8), np.array([[0, 255]], np.uint8)], -1)
+  Image.fromarray(la, "LA").save(tmp_path / "la.png")
+  assert imageio.read_rgb(str(tmp_path / "la.png"))[0].tolist() == [[7] * 3, [250] * 3]
+  Image.fromarray(np.array([[True, False]])).save(tmp_path / "one.png")
+  assert Image.open(tmp_path / "one.png").mode == "1"
+  assert imageio.read_rgb(str(tmp_path / "one.png"))[0].tolist() == [[255] * 3, [0] * 3]
+  Image.new("CMYK", (2, 1), (0, 255, 255, 0)).save(tmp_path / "cmyk.tif")
+  assert imageio.read_rgb(str(tmp_path / "cmyk.tif"))[0, 0].tolist() == [255, 0, 0]
+  rgba = np.array([[[1, 2, 3, 0], [4, 5, 6, 255]]], np.uint8)
+  Image.fromarray(rgba).save(tmp_path / "rgba.png")
+  assert imageio.read_rgb(str(tmp_path / "rgba.png"))[0].tolist() == [[1, 2, 3], [4, 5, 6]]
+
+  # Out of the rule: rejected, naming the file and the mode.
+  Image.fromarray(np.array([[0, 300.0]], np.float32)).save(tmp_path / "fbig.tif")
+  with pytest.raises(DataError, match=r"fbig\.tif \(mode F.*\[0.0, 300.0\]"):
+    imageio.read_rgb(str(tmp_path / "fbig.tif"))
+  Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / "ibig.tif")
+  with pytest.raises(DataError, match=r"ibig\.tif \(mode I\)"):
+    imageio.read_rgb(str(tmp_path / "ibig.tif"))
+  with pytest.raises(DataError, match=r"x\.png has Pillow mode 'La'"):
+    imageio.to_8bit(Image.new("La", (2, 2)), "x.png")
+
+
+def test_fss1000_mask_of_another_size_is_resized_and_scored(tmp_path, caplog):
+  """A 12x12 image with a 13x14 mask: resized nearest, the episode is scored, counted, logged."""
+  from fssjax import configlib
+  from fssjax.data import episodes as ep
+  from fssjax.data import pipeline
+
+  root = tmp_path / "FSS-1000"
+  _write_fss(str(root), fss1000_splits.VAL_CLASSES)
+  name = sorted(fss1000_splits.VAL_CLASSES)[0]
+  Image.fromarray(_rand_image(12, 12)).save(root / name / "1.jpg")
+  mask = np.zeros((13, 14), np.uint8)
+  mask[:, 7:] = 255  # right half
+  Image.fromarray(mask).save(root / name / "1.png")
+  src = fss1000.fss1000(str(root), "val")
+  with caplog.at_level(logging.WARNING):
+    image, m = src.load(0, 520)
+  assert image.shape == (12, 12, 3) and m.shape == (12, 12)
+  assert m[0].tolist() == [0] * 6 + [1] * 6  # column x reads floor(x * 14 / 12)
+  assert src.resized_masks == 1
+  assert "1.jpg is 12x12" in caplog.text and "1.png is 13x14" in caplog.text
+
+  config = configlib.base_config()
+  config.data.image_size = 16
+  episodes = [ep.Episode(520, 0, (1,)), ep.Episode(520, 1, (0,)), ep.Episode(521, 2, (3,))]
+  batches = list(pipeline.eval_loader(config, src, episodes, normalization="imagenet",
+                                      global_batch_size=4, shot=1, process_index=0,
+                                      process_count=1, worker_count=0))
+  (batch,) = batches
+  assert batch["valid"].tolist() == [True, True, True, False]
+  assert batch["masks_resized"].tolist() == [1, 1, 0, 0]
+  assert batch["masks_resized"].dtype == np.int32
+
+
+def _degenerate_coco_json():
+  doc = _coco_json()
+  doc["images"].append(dict(id=60, file_name="a.png", height=20, width=30))  # a.png again
+  doc["annotations"] += [
+      dict(id=20, image_id=50, category_id=5, iscrowd=0, area=12.0, segmentation=[],
+           bbox=[0, 0, 3, 4]),                                       # empty segmentation
+      dict(id=21, image_id=30, category_id=5, iscrowd=0, area=5.0,
+           segmentation=[[1, 1, 6, 1]], bbox=[1, 1, 5, 0]),          # a 2-point polygon
+      dict(id=22, image_id=50, category_id=3, iscrowd=0, area=4.0,
+           segmentation=[[1, 1, 4, 1, 7, 1]], bbox=[1, 1, 6, 0]),    # 3 collinear points
+      dict(id=23, image_id=60, category_id=1, iscrowd=0, area=60.0,
+           segmentation=[[2, 2, 12, 2, 12, 8, 2, 8]], bbox=[2, 2, 10, 6]),
+  ]
+  return doc
+
+
+def test_coco_presence_comes_from_the_decoded_area(tmp_path):
+  """Empty `[]` and degenerate polygons do not list their image under their class."""
+  image_dir = str(tmp_path / "images")
+  ann = str(tmp_path / "annotations" / "instances.json")
+  _write_coco(image_dir, ann, _degenerate_coco_json())
+  src = coco.CocoSource(image_dir, ann, cache_dir=str(tmp_path / "cache"))
+  assert src.built_index and os.path.basename(src.index_dir).startswith("coco-instances.json-")
+  # records: 0 A(10) 1 B(20) 2 C(30) 3 D(40) 4 E(50) 5 A again (60)
+  assert src.images_with_class(2).tolist() == [1, 3]  # airplane: not E ([]), not C (2 points)
+  assert src.images_with_class(1).tolist() == [0, 1, 3]  # car: not E (collinear polygon)
+  assert src.images_with_class(0).tolist() == [0, 5]
+  area = np.load(os.path.join(src.index_dir, "ann_mask_area.npy"))
+  assert sorted(area.tolist())[:3] == [0, 0, 0] and (area > 0).sum() == len(area) - 3
+  assert coco.decoded_area([], 20, 30, "x") == 0
+  assert coco.decoded_area([[1, 1, 6, 1]], 20, 30, "x") == 0
+  assert coco.decoded_area(_rle_uncompressed(M_CAR_A), 20, 30, "x") == int(M_CAR_A.sum())
+  assert coco.decoded_area(_rle_compressed(M_AIR_B), 16, 24, "x") == int(M_AIR_B.sum())
+
+
+def test_a_query_is_never_its_own_support_when_an_image_is_listed_twice(tmp_path):
+  from fssjax.data import episodes as ep
+
+  image_dir = str(tmp_path / "images")
+  ann = str(tmp_path / "annotations" / "instances.json")
+  _write_coco(image_dir, ann, _degenerate_coco_json())
+  src = coco.CocoSource(image_dir, ann, cache_dir=str(tmp_path / "cache"))
+  assert src.image_key(0) == src.image_key(5) == "a.png"
+  # person: records 0 and 5 are one image (a.png): no 1-shot episode is possible.
+  with pytest.raises(DataError, match="none of the 1 classes has 2 images"):
+    ep.test_episodes("coco20i", src, [0], 10, 1, seed=0)
+  sampler = ep.EpisodeSampler(src, [0, 1], max_shot=1)
+  assert sampler.usable_classes(1) == (1,)
+  assert sampler.same_image(0, 5) and not sampler.same_image(0, 1)
+  assert sampler.support_candidates(0, 0).tolist() == []
+
+
+def test_coco_rle_of_another_size_is_resized_to_its_image(tmp_path):
+  """The same rule for COCO: an RLE stored at 6x6 for a 12x12 image is resized nearest."""
+  image_dir = str(tmp_path / "images")
+  ann = str(tmp_path / "annotations" / "instances.json")
+  doc = _coco_json()
+  small = _box(6, 6, 0, 3, 0, 6)  # top half
+  doc["annotations"].append(dict(id=30, image_id=30, category_id=3, iscrowd=0, area=18.0,
+                                 segmentation=_rle_compressed(small), bbox=[0, 0, 6, 3]))
+  _write_coco(image_dir, ann, doc)
+  src = coco.CocoSource(image_dir, ann, cache_dir=str(tmp_path / "cache"))
+  assert 2 in src.images_with_class(1).tolist()  # C lists car (decoded area 18 > 0)
+  image, mask = src.load(2, 1)
+  assert image.shape == (12, 12, 3)
+  np.testing.assert_array_equal(mask, _box(12, 12, 0, 6, 0, 12))
+  assert src.resized_masks == 1

@@ -266,3 +266,54 @@ def test_cli(tmp_path):
   assert stamp["seed"] == 7 and stamp["size"] == 48 and stamp["counts"]["val"]["images"] == 3
   res = subprocess.run(cmd, capture_output=True, text=True, check=True)
   assert "up to date" in res.stdout
+
+
+def test_generation_logs_progress_with_rate_and_eta(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(synthetic, "PROGRESS_SECONDS", 0.0)  # a line per chunk of 50 images
+  with caplog.at_level("INFO"):
+    synthetic.ensure(str(tmp_path), workers=1, train=60, val=2, size=32, seed=0)
+  lines = [r.getMessage() for r in caplog.records if "synthetic train:" in r.getMessage()]
+  assert len(lines) == 2, lines
+  assert lines[0].startswith("synthetic train: 50/60 images (83%)")
+  assert "images/s" in lines[0] and "ETA 0:00:0" in lines[0]
+  assert lines[1].startswith("synthetic train: 60/60 images (100%)")
+  assert any("Generating the synthetic benchmark (60 train + 2 val images of 32 px" in
+             r.getMessage() for r in caplog.records)
+
+
+def test_a_mistyped_root_never_generates_a_second_copy(tmp_path, monkeypatch):
+  from fssjax.configlib import base_config
+  from fssjax.data import sources
+
+  monkeypatch.setenv("FSSJAX_CACHE_DIR", str(tmp_path / "cache"))
+  cache = tmp_path / "sets"
+  cache.mkdir()
+  kw = dict(train=4, val=4, size=32, seed=0)
+  made = synthetic.ensure(str(cache), workers=1, **kw)
+
+  def data(root):
+    d = base_config().data
+    d.dataset, d.root = "synthetic", root
+    return d
+
+  typo = str(tmp_path / "sest")  # does not exist
+  with pytest.raises(DataError, match=r"data.root='.*sest' does not exist .*nothing was "
+                                      r"generated.*data.root=''"):
+    sources.build_source(data(typo), "test")
+  assert not os.path.exists(typo)
+  assert sources.missing_inputs(data(typo)) and "does not exist" in sources.missing_inputs(
+      data(typo))[0]
+  other = tmp_path / "coco"  # an existing, non-empty directory without sets
+  other.mkdir()
+  (other / "annotations").mkdir()
+  with pytest.raises(DataError, match=r"neither a synthetic set nor a cache directory of sets "
+                                      r"\(it holds: annotations\)"):
+    sources.build_source(data(str(other)), "test")
+  assert os.listdir(other) == ["annotations"]
+  # Accepted: a set's own directory, and an existing directory of sets (or an empty one).
+  assert sources.missing_inputs(data(made)) == [] == sources.missing_inputs(data(str(cache)))
+  assert synthetic.check_data_root("") is None
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert synthetic.check_data_root(str(empty)) is None
+  assert sources.build_source(data(made), "test").image_dir.startswith(made)

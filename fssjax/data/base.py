@@ -9,7 +9,12 @@ Conventions:
   * class ids are 0-based indices into `source.class_names` (for COCO: the 80 categories sorted
     by category id; for PASCAL: the 20 VOC classes, background excluded);
   * images are uint8 [H, W, 3] RGB;
-  * masks are uint8 [H, W]: 0 background, 1 the episode's class, 255 ignore.
+  * masks are uint8 [H, W]: 0 background, 1 the episode's class, 255 ignore; a mask stored at
+    another size than its image is resized nearest to it (`fssjax.data.imageio.fit_mask`,
+    the one rule of every source);
+  * optional attributes: `image_key(index)` (the underlying image's identity, see below),
+    `class_descriptions` (one string per class id, for text fields; the synthetic benchmark
+    has them), `resized_masks` and `corrupt_count` (per-process counters).
 """
 
 from __future__ import annotations
@@ -31,22 +36,40 @@ class Episode:
   """One few-shot episode: a query image and K support images, all of one class.
 
   Attributes:
-    class_id: 0-based class index in the source's `class_names`.
+    class_id: 0-based class index in the source's `class_names` (the query's class).
     query: record index of the query image in the source.
-    supports: record indices of the K support images (distinct, none equal to `query`).
+    supports: record indices of the K support images (distinct images, none of them the
+      query's image: see `image_key`).
+    support_classes: None (every support's mask is of `class_id`, the published episode), or
+      one class id per support: the class of that support's mask (a `ranked` support policy
+      may show related classes). `to_json` and the manifest hash are unchanged when None.
   """
 
   class_id: int
   query: int
   supports: tuple[int, ...]
+  support_classes: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.support_classes is not None and len(self.support_classes) != len(self.supports):
+      raise ValueError(f"episode with {len(self.supports)} supports has "
+                       f"{len(self.support_classes)} support classes")
+
+  def support_class(self, j: int) -> int:
+    """The class of support j's mask."""
+    return int(self.class_id if self.support_classes is None else self.support_classes[j])
 
   def to_json(self) -> list:
-    return [int(self.class_id), int(self.query), [int(s) for s in self.supports]]
+    item = [int(self.class_id), int(self.query), [int(s) for s in self.supports]]
+    if self.support_classes is not None:
+      item.append([int(c) for c in self.support_classes])
+    return item
 
   @classmethod
   def from_json(cls, item) -> "Episode":
-    c, q, s = item
-    return cls(int(c), int(q), tuple(int(x) for x in s))
+    c, q, s = item[:3]
+    sc = tuple(int(x) for x in item[3]) if len(item) > 3 and item[3] is not None else None
+    return cls(int(c), int(q), tuple(int(x) for x in s), sc)
 
 
 @runtime_checkable
@@ -71,3 +94,15 @@ class SegmentationSource(Protocol):
 
   def record_key(self, index: int) -> str:
     """A stable, human-readable key of a record (file name or image id) for manifests."""
+
+  # Optional: `image_key(index) -> str`, the identity of the record's underlying image (its
+  # file, or a content hash). Two records with one image key are one image: an episode never
+  # uses the query's image as a support, nor one image twice. Without it, `record_key` is the
+  # identity (`image_key` below).
+
+
+def image_key(source, index: int) -> str:
+  """The identity of record `index`'s image: `source.image_key(index)` when the source has it,
+  else `source.record_key(index)`."""
+  fn = getattr(source, "image_key", None)
+  return str(fn(index) if fn is not None else source.record_key(index))

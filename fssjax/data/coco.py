@@ -14,7 +14,8 @@ into place (atomic). It holds
   * meta.npz: the image table (ids, sizes, file names), the categories, and per image the range
     of its annotation rows;
   * ann_table.npy (one int64 row per annotation: record, class, iscrowd, segmentation kind,
-    start, count, RLE height, width), ann_area.npy, and the segmentations in binary form:
+    start, count, RLE height, width), ann_area.npy (the JSON's `area` field),
+    ann_mask_area.npy (the decoded area, see Presence), and the segmentations in binary form:
     part_table.npy + coords.npy (polygon parts and uncompressed RLE counts as float64, exact for
     COCO's coordinates) and rle.bin (compressed RLE strings).
 The class -> images index (which depends on `crowd` and `min_area`) is computed from
@@ -42,17 +43,26 @@ vertices are skipped). Crowd annotations (`iscrowd=1`), per `crowd`:
     union instead, so its masks can differ from those PNGs on multi-part and overlapping objects.
   * 'ignore': crowd regions of class `c` not covered by a non-crowd instance are 255.
   * 'foreground': crowd regions count as class `c` (and as presence in the index).
-`min_area`: class `c` is listed for an image only when the summed COCO `area` of its counted
-annotations is >= min_area (0: any counted annotation). PFENet's filter corresponds to 2048
-(2 * 32 * 32 pixels).
+
+Presence. Class `c` is listed for an image only when one of its counted annotations has a
+non-empty decoded mask: the area is computed at indexing time by pycocotools from the
+annotation alone (`decoded_area`: polygons rasterised at the image size, parts with fewer than
+3 points skipped; RLE areas from their counts), so an annotation with an empty segmentation
+(`[]`) or only degenerate polygons does not list its image, and no episode trains on an
+all-empty mask. (This costs about 35 us per polygon annotation, once, when the index is built.)
+`min_area`: class `c` is listed for an image only when the summed decoded area of its counted
+annotations is >= min_area (0: any counted annotation with a non-empty mask). PFENet's
+filter corresponds to 2048 (2 * 32 * 32 pixels).
 
 Errors. Missing files raise `DataError` naming the file (the factories print the expected
 layout when the root is wrong). A corrupt image raises `DataError` naming the file; with
 `skip_corrupt=True` the record is skipped instead: `load` counts it in `corrupt_count` (per
 process), remembers it, logs a warning, and returns the next readable record of the same class
 (cyclically, in `images_with_class` order), raising only when none is readable. An image whose
-decoded size differs from the annotation's height/width (or an RLE whose `size` differs) raises
-`DataError` naming the image file, the annotation file and both sizes.
+decoded size differs from the annotation's height/width (or an RLE whose `size` differs from
+it) gets its mask resized nearest to the image, the rule of every source
+(`fssjax.data.imageio.fit_mask`: logged with the file and both sizes, counted in
+`resized_masks`).
 Classes with fewer than 2 images (which cannot form an episode) are listed in `rare_classes`
 and logged at construction.
 """
@@ -79,9 +89,9 @@ except ImportError:  # pragma: no cover - depends on the environment.
 
 log = logging.getLogger(__name__)
 
-_FORMAT_VERSION = 2
-_INDEX_FILES = ("meta.npz", "ann_table.npy", "ann_area.npy", "part_table.npy", "coords.npy",
-                "rle.bin")
+_FORMAT_VERSION = 3  # 3: ann_mask_area.npy (presence from the decoded annotation area)
+_INDEX_FILES = ("meta.npz", "ann_table.npy", "ann_area.npy", "ann_mask_area.npy",
+                "part_table.npy", "coords.npy", "rle.bin")
 CROWD_MODES = ("background", "ignore", "foreground")
 
 
@@ -135,6 +145,38 @@ def segmentation_to_rle(segm: Any, height: int, width: int, where: str) -> dict 
   raise DataError(f"{where}: unsupported segmentation of type {type(segm).__name__}")
 
 
+def decoded_area(segm: Any, height: int, width: int, where: str) -> int:
+  """Pixels of one annotation's decoded mask, from the annotation alone (no image is read).
+
+  Polygons are rasterised at the image's (height, width) by pycocotools (parts with fewer than
+  3 points are skipped, as in `load`; an empty list has area 0), RLEs at their own size.
+
+  Raises:
+    DataError: a segmentation pycocotools cannot read (names `where`).
+  """
+  from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
+
+  try:
+    if isinstance(segm, list):
+      polys = [p for p in segm if len(p) >= 6]
+      if not polys:
+        return 0
+      rles = mask_utils.frPyObjects(polys, height, width)
+      rle = rles[0] if len(rles) == 1 else mask_utils.merge(rles)
+      return int(mask_utils.area(rle))
+    size = [int(v) for v in segm["size"]]
+    counts = segm["counts"]
+    if isinstance(counts, list):
+      return int(sum(int(v) for v in counts[1::2]))  # uncompressed: odd runs are foreground
+    if isinstance(counts, str):
+      counts = counts.encode("ascii")
+    return int(mask_utils.area({"size": size, "counts": counts}))
+  except DataError:
+    raise
+  except Exception as e:  # pycocotools raises several types on malformed input
+    raise DataError(f"{where}: unreadable segmentation ({type(e).__name__}: {e})") from e
+
+
 def _union_mask(segms: Sequence[Any], height: int, width: int, where: str) -> np.ndarray:
   from pycocotools import mask as mask_utils  # pylint: disable=import-outside-toplevel
 
@@ -179,6 +221,7 @@ class CocoSource:
     self.skip_corrupt = bool(skip_corrupt)
     self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     self.corrupt_count = 0
+    self.resized_masks = 0
     self._bad: set[int] = set()
     self._store: dict | None = None  # memory-mapped annotation arrays, opened lazily
 
@@ -271,7 +314,9 @@ class CocoSource:
     coords: list = []
     parts: list = []
     rle_chunks: list = []
+    mask_areas: list = []
     rle_pos = 0
+    image_hw = [(int(im["height"]), int(im["width"])) for im in images]
     for a in anns:
       r = id_to_record.get(a.get("image_id"))
       c = cat_to_class.get(a.get("category_id"))
@@ -283,6 +328,10 @@ class CocoSource:
       segm = a.get("segmentation")
       crowd = int(a.get("iscrowd", 0))
       areas.append(a.get("area", 0.0))
+      if isinstance(segm, (list, dict)) and (isinstance(segm, list) or "counts" in segm and
+                                             len(segm.get("size", ())) == 2):
+        mask_areas.append(decoded_area(segm, *image_hw[r],
+                                       f"Annotation file {af}: annotation id={a.get('id')}"))
       if isinstance(segm, list):
         rows.append((r, c, crowd, 0, len(parts), len(segm), 0, 0))
         for poly in segm:
@@ -304,18 +353,20 @@ class CocoSource:
                         "segmentation (polygon list or RLE dict with counts and size)")
     table = np.array(rows, np.int64).reshape(-1, 8)
     area = np.array(areas, np.float64)
-    del rows, areas
+    mask_area = np.array(mask_areas, np.int64)
+    del rows, areas, mask_areas
     num_images, num_anns = len(images), len(anns)
     heights = np.array([int(im["height"]) for im in images], np.int32)
     widths = np.array([int(im["width"]) for im in images], np.int32)
     cat_names = [str(c.get("name", c["id"])) for c in cats]
     del data, anns, images, cats
     order = np.argsort(table[:, 0], kind="stable")  # group annotations by record
-    table, area = table[order], area[order]
+    table, area, mask_area = table[order], area[order], mask_area[order]
     ann_offsets = np.zeros(num_images + 1, np.int64)
     ann_offsets[1:] = np.cumsum(np.bincount(table[:, 0], minlength=num_images))
     np.save(os.path.join(out_dir, "ann_table.npy"), table)
     np.save(os.path.join(out_dir, "ann_area.npy"), area)
+    np.save(os.path.join(out_dir, "ann_mask_area.npy"), mask_area)
     np.save(os.path.join(out_dir, "part_table.npy"), np.array(parts, np.int64).reshape(-1, 2))
     np.save(os.path.join(out_dir, "coords.npy"), np.array(coords, np.float64))
     with open(os.path.join(out_dir, "rle.bin"), "wb") as f:
@@ -332,14 +383,15 @@ class CocoSource:
     """CSR arrays: records of class c are records[offsets[c]:offsets[c+1]] (sorted)."""
     num_classes = len(self.class_names)
     table = np.load(os.path.join(self.index_dir, "ann_table.npy"), mmap_mode="r")
-    area = np.load(os.path.join(self.index_dir, "ann_area.npy"), mmap_mode="r")
-    counted = np.ones(len(table), np.bool_)
+    area = np.load(os.path.join(self.index_dir, "ann_mask_area.npy"), mmap_mode="r")
+    counted = np.asarray(area) > 0  # presence from the decoded mask, not the JSON's lists
     if self.crowd != "foreground":
       counted &= table[:, 2] == 0
     key = table[counted, 0] * num_classes + table[counted, 1]
     uniq, inverse = np.unique(key, return_inverse=True)
     if self.min_area > 0:
-      summed = np.bincount(inverse, weights=np.asarray(area)[counted], minlength=len(uniq))
+      summed = np.bincount(inverse, weights=np.asarray(area, np.float64)[counted],
+                           minlength=len(uniq))
       uniq = uniq[summed >= self.min_area]
     records, classes = uniq // num_classes, uniq % num_classes
     order = np.lexsort((records, classes))
@@ -364,6 +416,11 @@ class CocoSource:
 
   def image_path(self, index: int) -> str:
     return os.path.join(self.image_dir, self.record_key(index))
+
+  def image_key(self, index: int) -> str:
+    """The image file (normalised path under `image_dir`): two image entries that name one
+    file are one image for the episode samplers."""
+    return os.path.normpath(self.record_key(index))
 
   def classes_with_fewer_than(self, n: int) -> list[int]:
     """Class ids with fewer than `n` images (an episode with K shots needs K + 1)."""
@@ -421,11 +478,6 @@ class CocoSource:
 
   def _mask(self, index: int, class_id: int, image: np.ndarray) -> np.ndarray:
     h, w = int(self.heights[index]), int(self.widths[index])
-    if image.shape[:2] != (h, w):
-      raise DataError(
-          f"Image {self.image_path(index)} is {image.shape[0]}x{image.shape[1]} (HxW) but "
-          f"annotation file {self.annotation_file} gives {h}x{w} for image id "
-          f"{int(self.image_ids[index])}")
     where = f"{self.annotation_file} image id {int(self.image_ids[index])}"
     fg, crowd = [], []
     for c, is_crowd, segm in self.annotations(index):
@@ -434,10 +486,30 @@ class CocoSource:
       (crowd if is_crowd else fg).append(segm)
     if self.crowd == "foreground":
       fg, crowd = fg + crowd, []
-    mask = _union_mask(fg, h, w, where)
+    mask = self._union(fg, h, w, where)
     if self.crowd == "ignore" and crowd:
-      crowd_mask = _union_mask(crowd, h, w, where)
+      crowd_mask = self._union(crowd, h, w, where)
       mask[(crowd_mask > 0) & (mask == 0)] = IGNORE
+    # The annotation's height / width may differ from the decoded image: the shared rule.
+    return imageio.fit_mask(mask, image.shape, self.image_path(index), where, self)
+
+  def _union(self, segms: Sequence[Any], h: int, w: int, where: str) -> np.ndarray:
+    """Union mask [h, w] of `segms`; an RLE of another size is decoded at its own size and
+    resized nearest to (h, w) (`imageio.fit_mask`, counted and logged)."""
+    same, other = [], []
+    for segm in segms:
+      size = segm.get("size") if isinstance(segm, dict) else None
+      if size is not None and [int(v) for v in size] != [h, w]:
+        other.append(segm)
+      else:
+        same.append(segm)
+    mask = _union_mask(same, h, w, where)
+    for segm in other:
+      sh, sw = (int(v) for v in segm["size"])
+      part = imageio.fit_mask(_union_mask([segm], sh, sw, where), (h, w),
+                              f"{where} (image size {h}x{w})", f"{where} RLE of size {sh}x{sw}",
+                              self)
+      np.maximum(mask, part, out=mask)
     return mask
 
   def __getstate__(self):
@@ -499,7 +571,11 @@ def coco20i(root: str, split: str, **kwargs) -> CocoSource:
 
 
 def synthetic(root: str, split: str, **kwargs) -> CocoSource:
-  """The generated COCO-format benchmark (fssjax.data.synthetic): 'train' or 'test'/'val'."""
+  """The generated COCO-format benchmark (fssjax.data.synthetic): 'train' or 'test'/'val'.
+
+  The source's `class_descriptions` (one string per class id) are the generator's exact
+  descriptions from descriptions.json.
+  """
   from fssjax.data import synthetic as synth  # pylint: disable=import-outside-toplevel
 
   if split not in ("train", "val", "test"):
@@ -514,4 +590,10 @@ def synthetic(root: str, split: str, **kwargs) -> CocoSource:
         "fssjax.data.synthetic.ensure(root). Expected layout:\n"
         f"  {root}/images/{{train,val}}/\n  {root}/annotations/instances_{{train,val}}.json")
   kwargs.setdefault("name", f"synthetic-{sub}")
-  return CocoSource(image_dir, ann, **kwargs)
+  source = CocoSource(image_dir, ann, **kwargs)
+  if os.path.isfile(synth.descriptions_file(root)):
+    described = synth.load_descriptions(root)
+    # The exact description of each class (the generator's), for text fields.
+    source.class_descriptions = [described.get(cid, {}).get("description")
+                                 for cid in source.category_ids]
+  return source

@@ -31,7 +31,16 @@ identical on any machine and its first m episodes do not depend on n:
 
 Supports are always K distinct images other than the query. (The published samplers draw
 each support independently, so a support could repeat; here they are distinct, as the
-task definition asks.) Default n: 1000 for COCO / PASCAL / synthetic.
+task definition asks.) "Image" means the underlying image, not the record: records with one
+`fssjax.data.base.image_key` (a file listed twice, two equal arrays) are one image, so a
+query is never its own support even when a data set lists its image twice (logged when the
+sampler finds such records). Default n: 1000 for COCO / PASCAL / synthetic.
+
+Support policy. `test_episodes(..., policy='random')` is the rule above (the published one);
+`policy='ranked'` keeps each episode's class and query and asks a
+`fssjax.priors.ranking.SupportRanker` for the K supports and the class of each support's mask
+(`Episode.support_classes`). The 'random' episodes and their manifest hashes are those of
+earlier versions, bit for bit.
 
 Manifests. `write_manifest(path, episodes, source, meta)` writes the list as JSON (class id and
 name, query key, support keys) and returns a sha256 of a canonical serialisation of the keys,
@@ -45,13 +54,16 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from absl import logging
 import numpy as np
 
 from fssjax import utils
-from fssjax.data.base import DataError, Episode, SegmentationSource
+from fssjax.data.base import DataError, Episode, SegmentationSource, image_key
+
+if TYPE_CHECKING:
+  from fssjax.priors.ranking import SupportRanker
 
 COCO_RULE = ("coco20i", "coco20i_contiguous", "synthetic")
 BENCHMARKS = COCO_RULE + ("pascal5i", "fss1000", "lvis92i")
@@ -82,13 +94,43 @@ def step_shot(seed: int, step: int, shot: int, shot_max: int = 0) -> int:
   return int(shot)
 
 
-def _draw_supports(rng: np.random.Generator, pool: np.ndarray, query: int, shot: int) -> tuple:
-  """K distinct record indices from `pool` (sorted int64), none equal to `query`."""
-  others = pool[pool != query]
+def _support_candidates(pool: np.ndarray, query: int, groups: Mapping[int, int] | None
+                        ) -> np.ndarray:
+  """The records of `pool` whose image differs from the query's image, one record per image
+  (the first in record order). With one record per image this is `pool[pool != query]`."""
+  if groups is None:
+    return pool[pool != query]
+  g = np.fromiter((groups[int(r)] for r in pool), np.int64, pool.size)
+  gq = groups.get(int(query))
+  keep = g != gq if gq is not None else np.ones(pool.size, bool)
+  others, g = pool[keep], g[keep]
+  _, first = np.unique(g, return_index=True)
+  if first.size == others.size:
+    return others
+  return others[np.sort(first)]
+
+
+def _draw_supports(rng: np.random.Generator, pool: np.ndarray, query: int, shot: int,
+                   groups: Mapping[int, int] | None = None) -> tuple:
+  """K record indices from `pool` (sorted int64) of K distinct images, none the query's image.
+
+  `groups` maps each record to its image (see `image_groups`); None: one record per image.
+  """
+  others = _support_candidates(pool, query, groups)
   if others.size < shot:
     raise DataError(f"cannot draw {shot} supports other than record {query}: the class has "
                     f"only {others.size} other images")
   return tuple(int(x) for x in rng.choice(others, size=shot, replace=False))
+
+
+def image_groups(source: SegmentationSource, records: Iterable[int]) -> dict[int, int] | None:
+  """record -> image group id (records of one underlying image share an id), by
+  `fssjax.data.base.image_key`; None when every record is its own image (the common case)."""
+  keys: dict[str, int] = {}
+  out: dict[int, int] = {}
+  for r in sorted({int(r) for r in records}):
+    out[r] = keys.setdefault(image_key(source, r), len(keys))
+  return None if len(keys) == len(out) else out
 
 
 class EpisodeSampler:
@@ -127,10 +169,17 @@ class EpisodeSampler:
       if not 0 <= c < n_classes:
         raise DataError(f"source {self.source_name!r}: class id {c} out of range [0, {n_classes})")
       self._images[c] = np.asarray(source.images_with_class(c), np.int64)
+    self.groups = image_groups(source, (r for c in self.class_ids for r in self._images[c]))
+    if self.groups is not None:
+      n_records = len({int(r) for c in self.class_ids for r in self._images[c]})
+      logging.warning("source %r: %d records show only %d distinct images (by image key); "
+                      "a query is never its own support and supports are distinct images",
+                      self.source_name, n_records, len(set(self.groups.values())))
+    self._n_images = {c: self._count_images(self._images[c]) for c in self.class_ids}
     self._usable: dict[int, tuple[int, ...]] = {}
     for k in range(self.min_shot, self.max_shot + 1):
-      self._usable[k] = tuple(c for c in self.class_ids if self._images[c].size >= k + 1)
-      left_out = [c for c in self.class_ids if self._images[c].size < k + 1]
+      self._usable[k] = tuple(c for c in self.class_ids if self._n_images[c] >= k + 1)
+      left_out = [c for c in self.class_ids if self._n_images[c] < k + 1]
       if left_out:
         names = [source.class_names[c] for c in left_out[:10]]
         logging.warning(
@@ -142,6 +191,27 @@ class EpisodeSampler:
       raise DataError(
           f"source {self.source_name!r}: none of the {len(self.class_ids)} classes has "
           f"{self.max_shot + 1} images, so no {self.max_shot}-shot episode can be drawn")
+
+  def _count_images(self, pool: np.ndarray) -> int:
+    if self.groups is None:
+      return int(pool.size)
+    return len({self.groups[int(r)] for r in pool})
+
+  def same_image(self, a: int, b: int) -> bool:
+    """Whether records a and b show the same image."""
+    if self.groups is None or int(a) not in self.groups or int(b) not in self.groups:
+      return int(a) == int(b)
+    return self.groups[int(a)] == self.groups[int(b)]
+
+  def support_candidates(self, class_id: int, query: int,
+                         exclude: Iterable[int] = ()) -> np.ndarray:
+    """Records of `class_id` usable as supports of `query`: other images than the query's and
+    than those of `exclude`, one record per image."""
+    pool = self._images[class_id]
+    others = _support_candidates(pool, query, self.groups)
+    for e in exclude:
+      others = others[[not self.same_image(int(r), e) for r in others]] if others.size else others
+    return others
 
   def usable_classes(self, shot: int) -> tuple[int, ...]:
     """Classes with at least `shot + 1` images."""
@@ -168,7 +238,7 @@ class EpisodeSampler:
     class_id = usable[int(rng.integers(len(usable)))]
     pool = self._images[class_id]
     query = int(pool[int(rng.integers(pool.size))])
-    return Episode(class_id, query, _draw_supports(rng, pool, query, shot))
+    return Episode(class_id, query, _draw_supports(rng, pool, query, shot, self.groups))
 
 
 _SAMPLERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -221,8 +291,12 @@ def _check_benchmark(benchmark: str) -> None:
     raise ValueError(f"Unknown benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
 
 
+POLICIES = ("random", "ranked")
+
+
 def test_episodes(benchmark: str, source: SegmentationSource, class_ids: Sequence[int],
-                  n: int | None, shot: int, seed: int) -> list[Episode]:
+                  n: int | None, shot: int, seed: int, *, policy: str = "random",
+                  ranker: SupportRanker | None = None) -> list[Episode]:
   """The fixed evaluation episodes of a benchmark (see the module docstring for the rules).
 
   Args:
@@ -233,17 +307,32 @@ def test_episodes(benchmark: str, source: SegmentationSource, class_ids: Sequenc
     n: number of episodes; None or 0 = the benchmark's default.
     shot: K.
     seed: the test seed (`data.test_seed`).
+    policy: how supports are chosen. 'random' (the published rule, the default): K distinct
+      random images of the class; the episodes and their manifest hash are those of every
+      earlier fssjax version. 'ranked': the class and query come from the benchmark's rule as
+      with 'random' (same draws), and `ranker.supports(class_id, query, shot, rng)` (see
+      `fssjax.priors.ranking.SupportRanker`) names the K supports and the class of each
+      support's mask, with `rng` the episode's generator after the query was drawn.
+    ranker: the `SupportRanker` of the 'ranked' policy.
 
   Returns:
     n episodes; identical for identical arguments on any machine.
 
   Raises:
-    DataError: when no test class has `shot + 1` images.
+    DataError: when no test class has `shot + 1` images, or a ranker's answer is invalid (the
+      wrong count, a record out of range, the query's own image, one image twice, a class id
+      out of range).
+    ValueError: an unknown policy, or 'ranked' without a ranker.
   """
   _check_benchmark(benchmark)
   shot = int(shot)
   if shot < 1:
     raise ValueError(f"shot must be >= 1, got {shot}")
+  if policy not in POLICIES:
+    raise ValueError(f"Unknown support policy {policy!r}; expected one of {list(POLICIES)}")
+  if policy == "ranked" and ranker is None:
+    raise ValueError("support policy 'ranked' needs a ranker (fssjax.priors.ranking."
+                     "SupportRanker)")
   sampler = EpisodeSampler(source, class_ids, shot)
   usable = sampler.usable_classes(shot)
   if not n:
@@ -255,6 +344,12 @@ def test_episodes(benchmark: str, source: SegmentationSource, class_ids: Sequenc
   def rng_of(i: int) -> np.random.Generator:
     return np.random.default_rng([_seed_entropy(seed), i])
 
+  def episode(c: int, q: int, rng: np.random.Generator) -> Episode:
+    if policy == "random":
+      return Episode(c, q, _draw_supports(rng, sampler.images_with_class(c), q, shot,
+                                          sampler.groups))
+    return _ranked_episode(ranker, source, c, q, shot, rng)
+
   out = []
   if benchmark in COCO_RULE:
     for i in range(n):
@@ -262,25 +357,55 @@ def test_episodes(benchmark: str, source: SegmentationSource, class_ids: Sequenc
       c = usable[int(rng.integers(len(usable)))]
       pool = sampler.images_with_class(c)
       q = int(pool[int(rng.integers(pool.size))])
-      out.append(Episode(c, q, _draw_supports(rng, pool, q, shot)))
+      out.append(episode(c, q, rng))
   elif benchmark == "pascal5i":
     pairs = sorted((int(q), c) for c in usable for q in sampler.images_with_class(c))
     for i in range(n):
       q, c = pairs[i % len(pairs)]
-      out.append(Episode(c, q, _draw_supports(rng_of(i), sampler.images_with_class(c), q, shot)))
+      out.append(episode(c, q, rng_of(i)))
   elif benchmark == "fss1000":
     pairs = [(int(q), c) for c in usable for q in sampler.images_with_class(c)]
     for i in range(n):
       q, c = pairs[i % len(pairs)]
-      out.append(Episode(c, q, _draw_supports(rng_of(i), sampler.images_with_class(c), q, shot)))
+      out.append(episode(c, q, rng_of(i)))
   else:  # lvis92i
     for i in range(n):
       rng = rng_of(i)
       c = usable[i % len(usable)]
       pool = sampler.images_with_class(c)
       q = int(pool[int(rng.integers(pool.size))])
-      out.append(Episode(c, q, _draw_supports(rng, pool, q, shot)))
+      out.append(episode(c, q, rng))
   return out
+
+
+def _ranked_episode(ranker: SupportRanker, source: SegmentationSource, class_id: int,
+                    query: int, shot: int, rng: np.random.Generator) -> Episode:
+  """The episode of the 'ranked' policy: the ranker's K (record, class) pairs, validated."""
+  pairs = list(ranker.supports(int(class_id), int(query), int(shot), rng))
+  where = (f"support ranker {type(ranker).__name__} for class {class_id} "
+           f"({source.class_names[class_id]!r}), query record {query}")
+  if len(pairs) != shot:
+    raise DataError(f"{where}: returned {len(pairs)} supports, expected {shot}")
+  records, classes = [], []
+  n_records, n_classes = len(source), len(source.class_names)
+  for item in pairs:
+    try:
+      r, c = (int(v) for v in item)
+    except (TypeError, ValueError):
+      raise DataError(f"{where}: expected (record index, class id) pairs, got {item!r}") from None
+    if not 0 <= r < n_records:
+      raise DataError(f"{where}: support record {r} outside [0, {n_records})")
+    if not 0 <= c < n_classes:
+      raise DataError(f"{where}: support class {c} outside [0, {n_classes})")
+    if image_key(source, r) == image_key(source, query):
+      raise DataError(f"{where}: support record {r} is the query's own image "
+                      f"({source.record_key(r)!r})")
+    if any(image_key(source, r) == image_key(source, x) for x in records):
+      raise DataError(f"{where}: image {source.record_key(r)!r} is used twice as a support")
+    records.append(r)
+    classes.append(c)
+  support_classes = None if all(c == class_id for c in classes) else tuple(classes)
+  return Episode(int(class_id), int(query), tuple(records), support_classes)
 
 
 # ---------------------------------------------------------------------------- manifests
@@ -288,12 +413,20 @@ def test_episodes(benchmark: str, source: SegmentationSource, class_ids: Sequenc
 
 def _canonical_items(episodes: Sequence[Episode], source: SegmentationSource) -> list:
   names = source.class_names
-  return [[int(e.class_id), str(names[e.class_id]), source.record_key(e.query),
-           [source.record_key(s) for s in e.supports]] for e in episodes]
+  items = []
+  for e in episodes:
+    item = [int(e.class_id), str(names[e.class_id]), source.record_key(e.query),
+            [source.record_key(s) for s in e.supports]]
+    if e.support_classes is not None:
+      item.append([[int(c), str(names[c])] for c in e.support_classes])
+    items.append(item)
+  return items
 
 
 def episodes_sha256(episodes: Sequence[Episode], source: SegmentationSource) -> str:
-  """sha256 hex of the canonical JSON of [class id, class name, query key, support keys]."""
+  """sha256 hex of the canonical JSON of [class id, class name, query key, support keys]
+  (plus [[class id, name], ...] of the supports' masks for an episode whose `support_classes`
+  is set; the hash of an episode without it is that of every earlier version)."""
   blob = json.dumps(_canonical_items(episodes, source), separators=(",", ":"),
                     ensure_ascii=True)
   return hashlib.sha256(blob.encode("ascii")).hexdigest()
@@ -304,7 +437,8 @@ def write_manifest(path: str, episodes: Sequence[Episode], source: SegmentationS
   """Writes the episode list as JSON (atomically) and returns its sha256 (see above).
 
   The file holds {"version", "source", "meta", "num_episodes", "sha256", "episodes": [{
-  "class_id", "class_name", "query", "supports", "query_index", "support_indices"}]}.
+  "class_id", "class_name", "query", "supports", "query_index", "support_indices"} (and
+  "support_classes" for an episode whose supports show other classes)]}.
   """
   items = _canonical_items(episodes, source)
   digest = episodes_sha256(episodes, source)
@@ -314,12 +448,19 @@ def write_manifest(path: str, episodes: Sequence[Episode], source: SegmentationS
       meta=dict(meta or {}),
       num_episodes=len(episodes),
       sha256=digest,
-      episodes=[dict(class_id=c, class_name=name, query=q, supports=s, query_index=e.query,
-                     support_indices=list(e.supports))
-                for (c, name, q, s), e in zip(items, episodes)],
+      episodes=[_manifest_entry(item, e) for item, e in zip(items, episodes)],
   )
   utils.atomic_write_json(path, doc, indent=1)
   return digest
+
+
+def _manifest_entry(item: list, e: Episode) -> dict:
+  c, name, q, s = item[:4]
+  entry = dict(class_id=c, class_name=name, query=q, supports=s, query_index=e.query,
+               support_indices=list(e.supports))
+  if e.support_classes is not None:
+    entry["support_classes"] = [int(x) for x in e.support_classes]
+  return entry
 
 
 def read_manifest(path: str) -> dict:
@@ -332,19 +473,23 @@ def read_manifest(path: str) -> dict:
   if doc.get("version") != MANIFEST_VERSION:
     raise DataError(f"episode manifest {path}: version {doc.get('version')!r}, expected "
                     f"{MANIFEST_VERSION}")
-  doc["episodes"] = [Episode(e["class_id"], e["query_index"], tuple(e["support_indices"]))
-                     for e in doc["episodes"]]
+  doc["episodes"] = [
+      Episode(e["class_id"], e["query_index"], tuple(e["support_indices"]),
+              tuple(e["support_classes"]) if e.get("support_classes") is not None else None)
+      for e in doc["episodes"]]
   return doc
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
-def episodes_from_config(config) -> tuple[list[Episode], SegmentationSource, dict]:
+def episodes_from_config(config, *, policy: str = "random", ranker: SupportRanker | None = None
+                         ) -> tuple[list[Episode], SegmentationSource, dict]:
   """Builds the test source and the fixed test episodes of `config` (config.data.*).
 
   Returns (episodes, source, meta); `config.data.test_episodes` 0 or None means the
-  benchmark's default count.
+  benchmark's default count. `policy` / `ranker`: the support policy (see `test_episodes`);
+  meta records the policy.
   """
   from fssjax.data import sources  # pylint: disable=g-import-not-at-top
 
@@ -353,10 +498,12 @@ def episodes_from_config(config) -> tuple[list[Episode], SegmentationSource, dic
   source = sources.build_source(data, "test")
   class_ids = sources.fold_classes_for(data, "test", source=source)
   episodes = test_episodes(benchmark, source, class_ids, data.test_episodes or None,
-                           int(data.shot), int(data.test_seed))
+                           int(data.shot), int(data.test_seed), policy=policy, ranker=ranker)
   meta = dict(benchmark=benchmark, dataset=str(data.dataset), fold=int(data.fold),
               shot=int(data.shot), test_seed=int(data.test_seed), num_episodes=len(episodes),
               num_test_classes=len(class_ids))
+  if policy != "random":
+    meta.update(support_policy=policy, ranker=type(ranker).__name__)
   return episodes, source, meta
 
 

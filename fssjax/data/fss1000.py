@@ -2,7 +2,10 @@
 
 Layout (`root` is the FSS-1000 folder, or a folder holding `FSS-1000/`, as HSNet's datapath):
   <class>/<n>.jpg   the image
-  <n>.png           its mask (foreground where the grey value >= 128, HSNet `read_mask`)
+  <n>.png           its mask (foreground where the grey value >= 128, HSNet `read_mask`); a
+                    mask whose size differs from its image (several test classes ship such
+                    masks) is resized nearest to the image (`imageio.fit_mask`, counted in
+                    `resized_masks` and logged)
 
 Class split: the published 520 / 240 / 240 train / val / test class names
 (`fssjax.data.fss1000_splits`, from HSNet's data/splits/fss). Class ids follow HSNet: the sorted
@@ -59,6 +62,7 @@ class Fss1000Source:
     class_names: all 1000 class names in HSNet's id order.
     split_classes: the class ids of this split.
     corrupt_count: records skipped as unreadable in this process (skip_corrupt=True).
+    resized_masks: masks resized to their image's size in this process.
   """
 
   def __init__(self, root: str, split: str, *, skip_corrupt: bool = False,
@@ -70,6 +74,7 @@ class Fss1000Source:
     self.split_classes = folds.fold_classes("fss1000", 0, self.split)
     self.skip_corrupt = bool(skip_corrupt)
     self.corrupt_count = 0
+    self.resized_masks = 0
     self._bad: set[int] = set()
 
     missing = [self.class_names[c] for c in self.split_classes
@@ -118,6 +123,10 @@ class Fss1000Source:
   def image_path(self, index: int) -> str:
     return os.path.join(self.root, self._paths[index])
 
+  def image_key(self, index: int) -> str:
+    """The image file, relative to the root."""
+    return os.path.normpath(self._paths[index])
+
   def mask_path(self, index: int) -> str:
     return os.path.splitext(self.image_path(index))[0] + ".png"
 
@@ -134,7 +143,8 @@ class Fss1000Source:
 
   def _finish(self, index: int, class_id: int, data):
     image, gray = data
-    imageio.check_same_size(image, self.image_path(index), gray, self.mask_path(index))
+    gray = imageio.fit_mask(gray, image.shape, self.image_path(index), self.mask_path(index),
+                            self)
     if class_id != self._labels[index]:
       return image, np.zeros(gray.shape, np.uint8)  # one class per image: absent here
     return image, (gray >= 128).astype(np.uint8)

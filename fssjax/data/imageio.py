@@ -1,7 +1,27 @@
 """Image and mask file reading shared by every source, with clear errors.
 
-`read_rgb` returns uint8 [H, W, 3] RGB for any PIL-readable image (grey, palette, CMYK and RGBA
-images are converted). `read_mask` returns the stored label values of a segmentation PNG as
+`read_rgb` returns uint8 [H, W, 3] RGB for every image mode Pillow reads, by one rule
+(`to_8bit`), so that no bit depth is clipped:
+  * 8-bit modes ('1', 'L', 'P', 'RGB', 'RGBA', 'RGBX', 'LA', 'PA', 'CMYK', 'YCbCr', 'LAB',
+    'HSV') are converted by Pillow; the alpha channel of 'RGBA' / 'LA' / 'PA' and palette
+    transparency are dropped (the colour under a transparent pixel is kept, as the published
+    loaders' `convert('RGB')` keeps it);
+  * 16-bit grey ('I;16', 'I;16L', 'I;16B', 'I;16N') is scaled to 8 bits,
+    v8 = round(v16 * 255 / 65535) (Pillow's own conversion clips every value above 255 to
+    white);
+  * 32-bit integer grey ('I') is read as 16-bit data (Pillow's mode for 16-bit PNGs before
+    version 10) when its values lie in 0..65535, else rejected;
+  * 32-bit float grey ('F') is scaled by 255 when its values lie in [0, 1], rounded when they
+    lie in [0, 255], else rejected; NaN or infinite values are rejected;
+  * any other mode is rejected with a `DataError` that names the file and the mode.
+
+Masks whose size differs from their image (FSS-1000 ships several) are resized to the image
+with nearest-neighbour sampling (`fit_mask`, PyTorch's 'nearest' index rule, so only the
+stored label values survive). Every source uses this one rule; each resize is logged with both
+file names and sizes and counted (`resized_mask_count()` per thread, the sources'
+`resized_masks` attribute per process, and the evaluation batches' `masks_resized` key).
+
+`read_mask` returns the stored label values of a segmentation PNG as
 uint8 [H, W]: palette ('P') images give their palette indices (the VOC convention), grey images
 their grey values; an RGB(A) file whose channels are equal is read as grey, a colour-coded RGB
 mask is rejected. `read_mask(path, gray=True)` instead returns the luminance (PIL `convert('L')`),
@@ -10,12 +30,62 @@ as FSS-1000 masks are read. Every failure raises `DataError` naming the file.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 
 import numpy as np
 from PIL import Image
 
 from fssjax.data.base import DataError
+
+log = logging.getLogger(__name__)
+
+EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "PA", "CMYK", "YCbCr",
+                   "LAB", "HSV")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_LOGGED_RESIZES = 20  # per process: log this many resized masks, then every 1000th
+_local = threading.local()
+_resized_total = [0]
+_resized_lock = threading.Lock()
+
+
+def to_8bit(img: Image.Image, path: str) -> Image.Image:
+  """An image in an 8-bit-per-channel mode, by the module's rule (no clipping of deep images).
+
+  Returns 'L' for 16-bit, 32-bit integer and float grey images; 'RGBA' for palette images with
+  transparency; other 8-bit modes unchanged.
+
+  Raises:
+    DataError: a mode outside the rule, or values outside the range the mode allows; the
+      message names the file and the mode.
+  """
+  mode = img.mode
+  if mode in EIGHT_BIT_MODES:
+    if mode == "P" and "transparency" in img.info:
+      return img.convert("RGBA")  # no Pillow warning; same colours as convert('RGB')
+    if mode == "RGBa":
+      return img.convert("RGBA")
+    return img
+  if mode in SIXTEEN_BIT_MODES or mode == "I":
+    raw = np.asarray(img).astype(np.int64)
+    if raw.size and (raw.min() < 0 or raw.max() > 65535):
+      raise DataError(
+          f"Image file {path} (mode {mode}) has values in [{raw.min()}, {raw.max()}]; expected "
+          "16-bit values 0..65535 (other 32-bit integer images are not supported)")
+    return Image.fromarray(((raw * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+  if mode == "F":
+    raw = np.asarray(img, dtype=np.float64)
+    if raw.size and not np.isfinite(raw).all():
+      raise DataError(f"Image file {path} (mode F, 32-bit float) has NaN or infinite values")
+    lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+      raise DataError(f"Image file {path} (mode F, 32-bit float) has values in [{lo}, {hi}]; "
+                      "expected [0, 1] or [0, 255]")
+    scale = 255.0 if hi <= 1.0 else 1.0
+    return Image.fromarray(np.rint(raw * scale).astype(np.uint8), mode="L")
+  raise DataError(f"Image file {path} has Pillow mode {mode!r}, which fssjax does not decode; "
+                  f"supported modes: {list(EIGHT_BIT_MODES + SIXTEEN_BIT_MODES + ('I', 'F'))}")
 
 
 def _open(path: str, what: str) -> Image.Image:
@@ -49,9 +119,12 @@ def read_rgb(path: str) -> np.ndarray:
   """
   img = _open(path, "image")
   try:
+    img = to_8bit(img, path)
     if img.mode != "RGB":
       img = img.convert("RGB")
     arr = np.asarray(img, dtype=np.uint8)
+  except DataError:
+    raise
   except Exception as e:
     raise DataError(f"Corrupt or unreadable image file {path}: {type(e).__name__}: {e}") from e
   if arr.ndim != 3 or arr.shape[2] != 3:
@@ -66,7 +139,8 @@ def read_mask(path: str, *, gray: bool = False) -> np.ndarray:
     path: mask file (usually PNG).
     gray: False (default): return the stored label values (palette indices for 'P' images,
       values for 'L'/'I' images, one channel of an RGB image whose channels are all equal).
-      True: return the luminance, as PIL's `convert('L')` computes it (white = 255).
+      True: return the luminance, as PIL's `convert('L')` computes it (white = 255), after
+      the 8-bit rule of `to_8bit` (a 16-bit mask is scaled, not clipped).
 
   Raises:
     DataError: missing or corrupt file, a colour-coded RGB label image, or label values > 255.
@@ -74,7 +148,7 @@ def read_mask(path: str, *, gray: bool = False) -> np.ndarray:
   img = _open(path, "mask")
   try:
     if gray:
-      arr = np.asarray(img.convert("L"), dtype=np.uint8)
+      arr = np.asarray(to_8bit(img, path).convert("L"), dtype=np.uint8)
     elif img.mode in ("P", "L"):
       arr = np.asarray(img, dtype=np.uint8)
     elif img.mode == "1":
@@ -96,8 +170,11 @@ def read_mask(path: str, *, gray: bool = False) -> np.ndarray:
             f"Mask file {path} is a colour-coded RGB image; expected a label PNG (palette or "
             "greyscale with one class value per pixel)")
       arr = np.ascontiguousarray(rgb[..., 0])
-    else:
+    elif img.mode in EIGHT_BIT_MODES:
       arr = np.asarray(img.convert("L"), dtype=np.uint8)
+    else:
+      raise DataError(f"Mask file {path} has Pillow mode {img.mode!r}, which is not a label "
+                      "image mode ('P', 'L', '1', 'I', 'I;16', 'F', 'LA', 'PA', or grey RGB)")
   except DataError:
     raise
   except Exception as e:
@@ -107,13 +184,49 @@ def read_mask(path: str, *, gray: bool = False) -> np.ndarray:
   return arr
 
 
-def check_same_size(image: np.ndarray, image_path: str, mask: np.ndarray, mask_path: str) -> None:
-  """Raises DataError naming both files and sizes when image and mask differ in size."""
-  if image.shape[:2] != mask.shape[:2]:
-    raise DataError(
-        f"Mask size differs from its image: image {image_path} is "
-        f"{image.shape[0]}x{image.shape[1]} (HxW), mask {mask_path} is "
-        f"{mask.shape[0]}x{mask.shape[1]} (HxW)")
+def fit_mask(mask: np.ndarray, image_shape, image_path: str, mask_path: str,
+             source=None) -> np.ndarray:
+  """The mask at its image's size: unchanged when the sizes agree, else resized nearest.
+
+  The one rule of every source for a mask whose size differs from its image (FSS-1000 ships
+  such masks; the published loaders resize them). Nearest-neighbour with PyTorch's index rule
+  (`fssjax.data.transforms.resize_nearest`) keeps only the stored label values. A resize is
+  logged (with both files and sizes; the first few per process, then every 1000th), counted
+  per thread (`resized_mask_count`) and, when `source` is given, in `source.resized_masks`.
+
+  Args:
+    mask: uint8 [h, w] (or [h, w, ...]).
+    image_shape: the image's shape; its first two entries are the target (H, W).
+    image_path, mask_path: names for the log line (a file, or an annotation reference).
+    source: the source whose `resized_masks` counter to increment.
+  """
+  h, w = int(image_shape[0]), int(image_shape[1])
+  if tuple(mask.shape[:2]) == (h, w):
+    return mask
+  from fssjax.data import transforms  # pylint: disable=import-outside-toplevel
+  out = np.ascontiguousarray(transforms.resize_nearest(mask, h, w))
+  _local.count = getattr(_local, "count", 0) + 1
+  with _resized_lock:
+    _resized_total[0] += 1
+    total = _resized_total[0]
+  if source is not None:
+    source.resized_masks = getattr(source, "resized_masks", 0) + 1
+  if total <= _LOGGED_RESIZES or total % 1000 == 0:
+    log.warning("Mask size differs from its image; resized the mask (nearest) to the image: "
+                "image %s is %dx%d (HxW), mask %s is %dx%d (HxW) [%d masks resized in this "
+                "process]", image_path, h, w, mask_path, mask.shape[0], mask.shape[1], total)
+  return out
+
+
+def resized_mask_count() -> int:
+  """Masks resized by `fit_mask` in the calling thread so far (the pipeline counts an
+  episode's resizes as the difference before / after loading it)."""
+  return getattr(_local, "count", 0)
+
+
+def resized_mask_total() -> int:
+  """Masks resized by `fit_mask` in this process so far (all threads)."""
+  return _resized_total[0]
 
 
 def load_skipping_corrupt(source, index: int, class_id: int, read, finish, log=None):

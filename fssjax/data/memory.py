@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fssjax.data import imageio
 from fssjax.data.base import IGNORE, DataError
 
 
@@ -36,6 +37,8 @@ class InMemorySource:
     Args:
       images: N uint8 RGB images [H_i, W_i, 3].
       class_masks: N uint8 label maps [H_i, W_i]: 0 background, c + 1 for class c, 255 ignore.
+        A label map of another size than its image is resized nearest to it (the rule of every
+        source, `fssjax.data.imageio.fit_mask`; counted in `resized_masks`, logged).
       class_names: the C class names.
       name: the source name.
 
@@ -54,8 +57,10 @@ class InMemorySource:
     if len(images) != len(class_masks):
       raise DataError(f"InMemorySource {self.name!r}: {len(images)} images but "
                       f"{len(class_masks)} label maps")
+    self.resized_masks = 0
     self._images: list[np.ndarray] = []
     self._labels: list[np.ndarray] = []
+    self._image_keys: list[str] = []
     members: list[list[int]] = [[] for _ in range(n_classes)]
     for i, (image, label) in enumerate(zip(images, class_masks)):
       image = np.asarray(image)
@@ -63,10 +68,12 @@ class InMemorySource:
       if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise DataError(f"InMemorySource {self.name!r} image {i}: expected uint8 [H,W,3], got "
                         f"{image.dtype} {list(image.shape)}")
-      if label.dtype != np.uint8 or label.shape != image.shape[:2]:
+      if label.dtype != np.uint8 or label.ndim != 2:
         raise DataError(f"InMemorySource {self.name!r} label map {i}: expected uint8 "
-                        f"{list(image.shape[:2])} (the image size), got {label.dtype} "
+                        f"[H, W] ({list(image.shape[:2])}, the image size), got {label.dtype} "
                         f"{list(label.shape)}")
+      label = imageio.fit_mask(label, image.shape, f"{self.name} image {i}",
+                               f"{self.name} label map {i}", self)
       values = np.unique(label)
       bad = values[(values > n_classes) & (values != IGNORE)]
       if bad.size:
@@ -76,6 +83,8 @@ class InMemorySource:
         if 0 < v <= n_classes:
           members[int(v) - 1].append(i)
       self._images.append(np.ascontiguousarray(image))
+      self._image_keys.append(hashlib.sha256(
+          np.asarray(image.shape, np.int64).tobytes() + self._images[-1].tobytes()).hexdigest())
       self._labels.append(np.ascontiguousarray(label))
     self._members = [np.asarray(m, np.int64) for m in members]
 
@@ -121,3 +130,8 @@ class InMemorySource:
   def record_key(self, index: int) -> str:
     self._check(index)
     return f"{self.name}/{index:06d}"
+
+  def image_key(self, index: int) -> str:
+    """sha256 of the image's shape and pixels: equal images are one image for the samplers."""
+    self._check(index)
+    return self._image_keys[index]

@@ -107,6 +107,8 @@ class PascalSource:
   Attributes:
     name, class_names: as the protocol; class_names are the 20 VOC classes.
     corrupt_count: records skipped as unreadable in this process (skip_corrupt=True).
+    resized_masks: label maps resized to their image's size in this process
+      (`imageio.fit_mask`: nearest, logged).
     built_index: True when this construction scanned masks (derived lists), else False.
     rare_classes: indexed class ids with fewer than 2 images.
   """
@@ -127,6 +129,7 @@ class PascalSource:
                       PASCAL_LAYOUT.format(root=self.root))
     self.skip_corrupt = bool(skip_corrupt)
     self.corrupt_count = 0
+    self.resized_masks = 0
     self._bad: set[int] = set()
     self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
     self.built_index = False
@@ -238,6 +241,10 @@ class PascalSource:
   def image_path(self, index: int) -> str:
     return os.path.join(self.image_dir, self._names[index] + ".jpg")
 
+  def image_key(self, index: int) -> str:
+    """The image's name (one record per name)."""
+    return self._names[index]
+
   def mask_path(self, index: int) -> str:
     return os.path.join(self.mask_dir, self._names[index] + ".png")
 
@@ -249,7 +256,8 @@ class PascalSource:
 
   def _finish(self, index: int, class_id: int, data) -> tuple[np.ndarray, np.ndarray]:
     image, label = data
-    imageio.check_same_size(image, self.image_path(index), label, self.mask_path(index))
+    label = imageio.fit_mask(label, image.shape, self.image_path(index), self.mask_path(index),
+                             self)
     return image, class_mask(label, class_id)
 
   def load(self, index: int, class_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,16 +8,50 @@ that step (`fssjax.data.episodes` makes every episode a pure function of (seed, 
   ds = ds.to_iter_dataset(ReadOptions(...)).mp_prefetch(MultiprocessingOptions(workers))
 
 so grain workers parallelise over batches and the stream is the same for any worker count.
-Process p of P receives slots p*b .. (p+1)*b - 1 of every global batch (b = global / P):
+Process p of P receives slots p*b .. (p+1)*b - 1 of every global batch (b = global / P).
 
-  query_image    float32 [b, S, S, 3]   (normalised, see fssjax.data.transforms)
-  query_mask     uint8   [b, S, S]      (0 bg, 1 fg, 255 ignore)
-  support_images float32 [b, K, S, S, 3]
-  support_masks  uint8   [b, K, S, S]
-  class_id       int32   [b]
+Batch keys (S = data.image_size, the scored view; K = shot; NHWC):
 
-With `data.train_shot_max = N > 0`, K is drawn from 1..N per global step (one K per global
-batch, so shapes are uniform within a batch and vary across steps).
+  always (training and evaluation):
+    query_image     float32 [b, S, S, 3]     normalised by the method's `normalization`
+                                             (see fssjax.data.transforms); 0 on padding
+    query_mask      uint8   [b, S, S]        0 background, 1 the episode's class, 255 ignore
+    support_images  float32 [b, K, S, S, 3]
+    support_masks   uint8   [b, K, S, S]     support j's mask is of class
+                                             `Episode.support_class(j)` (the episode's class
+                                             unless a ranked support policy chose another)
+    class_id        int32   [b]              the episode's (query's) class id
+  evaluation only:
+    valid           bool    [b]              False on padding slots (images 0, masks 255)
+    episode_index   int32   [b]              index into the episode list; -1 on padding
+    masks_resized   int32   [b]              masks of the episode (query + supports) whose
+                                             size differed from their image and were resized
+                                             (fssjax.data.imageio.fit_mask); the evaluator
+                                             sums and reports them
+  evaluation with data.eval_resolution == 'original':
+    query_mask_orig uint8   [b, M, M]        the original query mask, 255 outside it
+                                             (M = data.max_original_size, default 1024)
+    query_size      int32   [b, 2]           (h, w) of the original query
+  with data.support_check_size = c > 0 (default 0: no check, no key):
+    support_empty   bool    [b, K]           support j's mask has no foreground at c x c
+                                             (`transforms.support_is_empty`: HSNet's bilinear
+                                             resize with aligned corners, > 0). Training
+                                             redraws such supports (other images of the class,
+                                             from the slot's generator stream 2), so True
+                                             there only when no replacement was found;
+                                             evaluation keeps them and the evaluator counts
+  per extra view `name` (`views=`, fssjax.data.views.ViewSpec, size s):
+    query_image@{name}    float32 [b, s, s, 3]
+    support_images@{name} float32 [b, K, s, s, 3]
+    query_size@{name}     int32   [b, 2]     (h, w) of the resized image inside the view
+    support_size@{name}   int32   [b, K, 2]
+  per text field `name` (`texts=`, fssjax.data.views.TextSpec, L = max_length):
+    text@{name}           int32   [b, L]     token ids of the episode class's text, padded
+    text_mask@{name}      uint8   [b, L]     1 on tokens, 0 on padding
+
+Without views, texts and support check the training batch is exactly that of earlier
+versions. With `data.train_shot_max = N > 0`, K is drawn from 1..N per global step (one K per
+global batch, so shapes are uniform within a batch and vary across steps).
 
 Checkpointing. `iter(loader)` gives a `TrainIterator` with grain's iterator checkpoint API:
 
@@ -39,11 +73,8 @@ same batches (the stream depends on the step only). Call `it.close()` to stop wo
 
 Evaluation. `eval_loader(config, source, episodes, ...)` returns an `EvalLoader`: an iterable
 (re-iterable, `len` = number of batches) over the episodes in order; global batch g holds
-episodes g*B .. g*B + B - 1, the last one padded. Each process gets its slice, with extra keys
-`valid` bool [b] (False on padding, whose images are 0 and masks 255) and `episode_index` int32
-[b] (-1 on padding); with `data.eval_resolution == 'original'` also `query_mask_orig` uint8
-[b, M, M] (the original query mask, 255 outside it; M = data.max_original_size, default 1024)
-and `query_size` int32 [b, 2] (h, w). The evaluator sums its counts across processes.
+episodes g*B .. g*B + B - 1, the last one padded. Each process gets its slice with the
+evaluation keys above. The evaluator sums its counts across processes.
 
 Worker processes. `worker_count` defaults to `config.data.workers` (0 = in-process, with a
 couple of reading threads). grain starts workers with the 'spawn' method and they read absl
@@ -61,7 +92,8 @@ import grain
 import numpy as np
 
 from fssjax.data import episodes as episodes_lib
-from fssjax.data import transforms
+from fssjax.data import imageio, transforms
+from fssjax.data import views as views_lib
 from fssjax.data.base import IGNORE, DataError, Episode, SegmentationSource
 
 STATE_VERSION = 1
@@ -106,6 +138,14 @@ def transform_spec(config, normalization: str, *, train: bool) -> transforms.Tra
   )
 
 
+def _support_check_size(data) -> int:
+  value = data.get("support_check_size", 0) if hasattr(data, "get") else 0
+  value = int(value or 0)
+  if value < 0:
+    raise ValueError(f"data.support_check_size must be >= 0 (0: no check), got {value}")
+  return value
+
+
 def _read_options(worker_count: int) -> grain.ReadOptions:
   # Every element is a whole batch: keep the buffers small. In-process, two threads overlap
   # decoding with the training step; inside worker processes one thread each.
@@ -121,26 +161,91 @@ def _build_iter(ds: grain.MapDataset, worker_count: int):
   return iter(it_ds)
 
 
-def _fill_episode(source: SegmentationSource, episode: Episode, spec: transforms.TransformSpec,
-                  aug_rng: np.random.Generator | None, batch: dict[str, np.ndarray],
-                  i: int) -> None:
-  """Loads and transforms one episode (query + supports) into slot `i` of `batch`.
+class _Extras:
+  """What a batch holds beyond the default keys: views, text tables, the support check."""
 
-  Writes query_image / query_mask / support_images / support_masks / class_id, and
-  query_mask_orig / query_size when `batch` has them. Raises DataError on unreadable data
-  (the slot may then be partly written).
-  """
+  def __init__(self, views: Sequence[views_lib.ViewSpec] = (),
+               text_tables: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+               support_check_size: int = 0, count_resized: bool = False):
+    self.views = tuple(views)
+    self.text_tables = dict(text_tables or {})
+    self.support_check_size = int(support_check_size)
+    self.count_resized = bool(count_resized)
+
+  def add_keys(self, batch: dict[str, np.ndarray], b: int, k: int) -> None:
+    for v in self.views:
+      s = int(v.size)
+      batch[f"query_image@{v.name}"] = np.zeros((b, s, s, 3), np.float32)
+      batch[f"support_images@{v.name}"] = np.zeros((b, k, s, s, 3), np.float32)
+      batch[f"query_size@{v.name}"] = np.zeros((b, 2), np.int32)
+      batch[f"support_size@{v.name}"] = np.zeros((b, k, 2), np.int32)
+    for name, (ids, _) in self.text_tables.items():
+      batch[f"text@{name}"] = np.zeros((b, ids.shape[1]), np.int32)
+      batch[f"text_mask@{name}"] = np.zeros((b, ids.shape[1]), np.uint8)
+    if self.support_check_size > 0:
+      batch["support_empty"] = np.zeros((b, k), bool)
+    if self.count_resized:
+      batch["masks_resized"] = np.zeros((b,), np.int32)
+
+
+_NO_EXTRAS = _Extras()
+
+
+def _fill_query(source: SegmentationSource, episode: Episode, spec: transforms.TransformSpec,
+                aug_rng: np.random.Generator | None, batch: dict[str, np.ndarray], i: int,
+                extras: _Extras) -> None:
   image, mask = source.load(episode.query, episode.class_id)
   if "query_mask_orig" in batch:
     batch["query_mask_orig"][i], batch["query_size"][i] = transforms.pad_original_mask(
         np.asarray(mask), spec.max_original_size)
-  _, batch["query_mask"][i] = transforms.prepare(image, mask, spec, aug_rng,
-                                                 out=batch["query_image"][i])
+  _, batch["query_mask"][i], params = transforms.prepare_with_params(
+      image, mask, spec, aug_rng, out=batch["query_image"][i])
+  for v in extras.views:
+    batch[f"query_size@{v.name}"][i] = views_lib.make_view(
+        image, v, batch[f"query_image@{v.name}"][i], spec, params)
+
+
+def _fill_support(source: SegmentationSource, record: int, class_id: int,
+                  spec: transforms.TransformSpec, aug_rng: np.random.Generator | None,
+                  batch: dict[str, np.ndarray], i: int, j: int, extras: _Extras) -> bool:
+  """Loads support j of slot i (mask of `class_id`); returns whether it is empty at
+  `extras.support_check_size` (False without a check)."""
+  image, mask = source.load(record, class_id)
+  _, batch["support_masks"][i, j], params = transforms.prepare_with_params(
+      image, mask, spec, aug_rng, out=batch["support_images"][i, j])
+  for v in extras.views:
+    batch[f"support_size@{v.name}"][i, j] = views_lib.make_view(
+        image, v, batch[f"support_images@{v.name}"][i, j], spec, params)
+  empty = transforms.support_is_empty(batch["support_masks"][i, j], extras.support_check_size)
+  if "support_empty" in batch:
+    batch["support_empty"][i, j] = empty
+  return empty
+
+
+def _fill_episode(source: SegmentationSource, episode: Episode, spec: transforms.TransformSpec,
+                  aug_rng: np.random.Generator | None, batch: dict[str, np.ndarray],
+                  i: int, extras: _Extras = _NO_EXTRAS) -> list[int]:
+  """Loads and transforms one episode (query + supports) into slot `i` of `batch`.
+
+  Writes query_image / query_mask / support_images / support_masks / class_id, and
+  query_mask_orig / query_size, views, texts, support_empty and masks_resized when `batch`
+  has them. Each support's mask is of its own class (`Episode.support_class`). Returns the
+  indices of the supports that are empty at the check size. Raises DataError on unreadable
+  data (the slot may then be partly written).
+  """
+  resized_before = imageio.resized_mask_count()
+  _fill_query(source, episode, spec, aug_rng, batch, i, extras)
+  empty = []
   for j, s in enumerate(episode.supports):
-    image, mask = source.load(s, episode.class_id)
-    _, batch["support_masks"][i, j] = transforms.prepare(image, mask, spec, aug_rng,
-                                                         out=batch["support_images"][i, j])
+    if _fill_support(source, s, episode.support_class(j), spec, aug_rng, batch, i, j, extras):
+      empty.append(j)
   batch["class_id"][i] = episode.class_id
+  for name, (ids, mask) in extras.text_tables.items():
+    batch[f"text@{name}"][i] = ids[episode.class_id]
+    batch[f"text_mask@{name}"][i] = mask[episode.class_id]
+  if "masks_resized" in batch:
+    batch["masks_resized"][i] = imageio.resized_mask_count() - resized_before
+  return empty
 
 
 def _clear_slot(batch: dict[str, np.ndarray], i: int) -> None:
@@ -154,14 +259,16 @@ def _clear_slot(batch: dict[str, np.ndarray], i: int) -> None:
       value[i] = 0
 
 
-def _empty_batch(b: int, k: int, size: int) -> dict[str, np.ndarray]:
-  return dict(
+def _empty_batch(b: int, k: int, size: int, extras: _Extras = _NO_EXTRAS) -> dict[str, np.ndarray]:
+  batch = dict(
       query_image=np.zeros((b, size, size, 3), np.float32),
       query_mask=np.full((b, size, size), IGNORE, np.uint8),
       support_images=np.zeros((b, k, size, size, 3), np.float32),
       support_masks=np.full((b, k, size, size), IGNORE, np.uint8),
       class_id=np.zeros((b,), np.int32),
   )
+  extras.add_keys(batch, b, k)
+  return batch
 
 
 # ---------------------------------------------------------------------------- training
@@ -172,7 +279,8 @@ class _TrainBatch:
 
   def __init__(self, source: SegmentationSource, sampler: episodes_lib.EpisodeSampler,
                spec: transforms.TransformSpec, seed: int, first_slot: int, batch_size: int,
-               shot: int, shot_max: int, skip_corrupt: bool):
+               shot: int, shot_max: int, skip_corrupt: bool, extras: _Extras = _NO_EXTRAS):
+    self.extras = extras
     self.source = source
     self.sampler = sampler
     self.spec = spec
@@ -186,7 +294,7 @@ class _TrainBatch:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
     k = episodes_lib.step_shot(self.seed, step, self.shot, self.shot_max)
-    batch = _empty_batch(self.batch_size, k, self.spec.image_size)
+    batch = _empty_batch(self.batch_size, k, self.spec.image_size, self.extras)
     for i in range(self.batch_size):
       slot = self.first_slot + i
       ep_rng = episodes_lib.slot_rng(self.seed, step, slot, 0)
@@ -194,7 +302,9 @@ class _TrainBatch:
         episode = self.sampler.episode(ep_rng, k)
         aug_rng = episodes_lib.slot_rng(self.seed, step, slot, 1) if self.spec.augment else None
         try:
-          _fill_episode(self.source, episode, self.spec, aug_rng, batch, i)
+          empty = _fill_episode(self.source, episode, self.spec, aug_rng, batch, i, self.extras)
+          if empty:
+            self._redraw_empty(episode, empty, aug_rng, batch, step, slot, i)
           break
         except DataError as e:
           if not self.skip_corrupt:
@@ -206,6 +316,36 @@ class _TrainBatch:
         raise DataError(f"step {step} slot {slot}: {MAX_REDRAWS} episodes in a row failed to "
                         f"load; the data set looks broken")
     return batch
+
+  def _redraw_empty(self, episode: Episode, empty: list[int],
+                    aug_rng: np.random.Generator | None, batch: dict[str, np.ndarray], step: int,
+                    slot: int, i: int) -> None:
+    """Replaces the supports of slot i that are empty at the check size.
+
+    Replacements are other images of the class (not the query's, not another support's), drawn
+    from the slot's own generator stream 2, so the batch stays a pure function of (seed, step,
+    slot). A support that cannot be replaced by a non-empty one within MAX_REDRAWS draws stays
+    (flagged in `support_empty`, logged).
+    """
+    rng = episodes_lib.slot_rng(self.seed, step, slot, 2)
+    chosen = list(episode.supports)
+    for j in empty:
+      tried = set(chosen)
+      for _ in range(MAX_REDRAWS):
+        cands = self.sampler.support_candidates(episode.class_id, episode.query,
+                                                exclude=tried)
+        if cands.size == 0:
+          break
+        r = int(cands[int(rng.integers(cands.size))])
+        tried.add(r)
+        chosen[j] = r
+        if not _fill_support(self.source, r, episode.class_id, self.spec, aug_rng, batch, i, j,
+                             self.extras):
+          break
+      if batch["support_empty"][i, j]:
+        logging.warning("step %d slot %d: support %d of class %d is empty at %dx%d and no "
+                        "non-empty replacement was found", step, slot, j, episode.class_id,
+                        self.extras.support_check_size, self.extras.support_check_size)
 
 
 class TrainIterator(Iterator[dict]):
@@ -296,12 +436,15 @@ class TrainLoader:
 def train_loader(config, source: SegmentationSource, class_ids: Sequence[int], *,
                  normalization: str, seed: int, global_batch_size: int,
                  process_index: int | None = None, process_count: int | None = None,
-                 worker_count: int | None = None, start_step: int = 0) -> TrainLoader:
+                 worker_count: int | None = None, start_step: int = 0,
+                 views: Sequence[views_lib.ViewSpec] = (),
+                 texts: Sequence[views_lib.TextSpec] = ()) -> TrainLoader:
   """The per-process training stream of `config` (see the module docstring).
 
   Args:
     config: the run config (reads data.shot, data.train_shot_max, data.image_size,
-      data.resize, data.augment, data.workers, data.skip_corrupt, train.num_steps).
+      data.resize, data.augment, data.workers, data.skip_corrupt, data.support_check_size,
+      train.num_steps).
     source: the training split.
     class_ids: the fold's training classes.
     normalization: the method's image normalisation ('imagenet' | 'minus_one_one').
@@ -310,7 +453,10 @@ def train_loader(config, source: SegmentationSource, class_ids: Sequence[int], *
     process_index, process_count: this process and the count (default: jax's).
     worker_count: grain worker processes (default config.data.workers).
     start_step: first global step when no iterator state is restored.
+    views: the method's extra image views (`fssjax.data.views.ViewSpec`); default none.
+    texts: the method's text fields (`fssjax.data.views.TextSpec`); default none.
   """
+  views_lib.check_specs(views, texts)
   process_index, process_count = _process_layout(process_index, process_count)
   b = _per_process_batch(global_batch_size, process_count)
   data = config.data
@@ -321,14 +467,18 @@ def train_loader(config, source: SegmentationSource, class_ids: Sequence[int], *
   else:
     sampler = episodes_lib.EpisodeSampler(source, class_ids, shot)
   spec = transform_spec(config, normalization, train=True)
+  check = _support_check_size(data)
+  extras = _Extras(views, views_lib.text_tables(source, sampler.class_ids, texts), check)
   builder = _TrainBatch(source, sampler, spec, seed, process_index * b, b, shot, shot_max,
-                        bool(data.get("skip_corrupt", False)))
+                        bool(data.get("skip_corrupt", False)), extras)
   workers = int(data.workers if worker_count is None else worker_count)
   if workers < 0:
     raise ValueError(f"worker count must be >= 0, got {workers}")
   fingerprint = dict(seed=int(seed), global_batch_size=int(global_batch_size), shot=shot,
                      shot_max=shot_max, image_size=spec.image_size, resize=spec.resize,
                      augment=spec.augment, source=str(getattr(source, "name", "")))
+  if check:
+    fingerprint["support_check_size"] = check
   return TrainLoader(builder, int(config.train.num_steps), start_step, workers, fingerprint)
 
 
@@ -340,7 +490,9 @@ class _EvalBatch:
 
   def __init__(self, source: SegmentationSource, episodes: Sequence[Episode],
                spec: transforms.TransformSpec, global_batch_size: int, first_slot: int,
-               batch_size: int, shot: int, keep_original: bool, skip_corrupt: bool):
+               batch_size: int, shot: int, keep_original: bool, skip_corrupt: bool,
+               extras: _Extras = _NO_EXTRAS):
+    self.extras = extras
     self.source = source
     self.episodes = tuple(episodes)
     self.spec = spec
@@ -353,7 +505,7 @@ class _EvalBatch:
 
   def __call__(self, g: int) -> dict[str, np.ndarray]:
     b, size = self.batch_size, self.spec.image_size
-    batch = _empty_batch(b, self.shot, size)
+    batch = _empty_batch(b, self.shot, size, self.extras)
     batch["valid"] = np.zeros((b,), bool)
     batch["episode_index"] = np.full((b,), -1, np.int32)
     if self.keep_original:
@@ -366,7 +518,7 @@ class _EvalBatch:
         continue
       episode = self.episodes[index]
       try:
-        _fill_episode(self.source, episode, self.spec, None, batch, i)
+        _fill_episode(self.source, episode, self.spec, None, batch, i, self.extras)
       except DataError as e:
         if not self.skip_corrupt:
           raise DataError(f"test episode {index} ({episode}): {e}") from e
@@ -398,8 +550,15 @@ class EvalLoader:
 def eval_loader(config, source: SegmentationSource, episodes: Sequence[Episode], *,
                 normalization: str, global_batch_size: int, shot: int,
                 process_index: int | None = None, process_count: int | None = None,
-                worker_count: int | None = None) -> EvalLoader:
+                worker_count: int | None = None, views: Sequence[views_lib.ViewSpec] = (),
+                texts: Sequence[views_lib.TextSpec] = ()) -> EvalLoader:
   """Batches of the fixed test `episodes`, in order (see the module docstring).
+
+  Reads data.image_size, data.resize, data.eval_resolution, data.max_original_size,
+  data.skip_corrupt, data.support_check_size and data.workers; `views` / `texts` as in
+  `train_loader`. Supports that are empty at the check size are kept and flagged in
+  `support_empty` (the evaluator counts them); `masks_resized` counts each episode's masks
+  that were resized to their image.
 
   Raises:
     ValueError: an episode whose support count differs from `shot`, a bad
@@ -414,9 +573,13 @@ def eval_loader(config, source: SegmentationSource, episodes: Sequence[Episode],
   for i, e in enumerate(episodes):
     if len(e.supports) != shot:
       raise ValueError(f"test episode {i} has {len(e.supports)} supports, expected shot={shot}")
+  views_lib.check_specs(views, texts)
   spec = transform_spec(config, normalization, train=False)
+  extras = _Extras(views, views_lib.text_tables(source, {e.class_id for e in episodes}, texts),
+                   _support_check_size(config.data), count_resized=True)
   builder = _EvalBatch(source, episodes, spec, global_batch_size, process_index * b, b, shot,
-                       resolution == "original", bool(config.data.get("skip_corrupt", False)))
+                       resolution == "original", bool(config.data.get("skip_corrupt", False)),
+                       extras)
   num_batches = -(-len(episodes) // int(global_batch_size))
   workers = int(config.data.workers if worker_count is None else worker_count)
   return EvalLoader(builder, num_batches, workers)

@@ -2,8 +2,12 @@
 
 `data.dataset` picks the benchmark:
   synthetic           the generated COCO-format benchmark (fssjax.data.synthetic): data.root is
-                      the cache directory of generated sets ('' = the default one; the set is
-                      generated on first use) or a generated set's own directory
+                      '' (the default cache directory; the set is generated on first use), a
+                      generated set's own directory, or an existing directory that is empty or
+                      holds generated sets (a cache directory). Any other root (one that does
+                      not exist, or a non-empty directory without sets) is a DataError naming
+                      it: a mistyped root never generates a second copy elsewhere
+                      (`synthetic.check_data_root`)
   coco20i             COCO 2014 under data.root, interleaved folds
   coco20i_contiguous  the same source, contiguous folds
   pascal5i            VOC2012 + SegmentationClassAug under data.root, fold data.fold
@@ -20,7 +24,7 @@ from __future__ import annotations
 import os
 
 from fssjax.data import folds
-from fssjax.data.base import SegmentationSource
+from fssjax.data.base import DataError, SegmentationSource
 
 DATASETS = ("synthetic", "coco20i", "coco20i_contiguous", "pascal5i", "fss1000", "lvis92i")
 
@@ -59,7 +63,10 @@ def build_source(data, split: str, cache_dir: str | None = None) -> Segmentation
   fold = int(_get(data, "fold", 0))
   if ds == "synthetic":
     from fssjax.data import coco, synthetic  # pylint: disable=import-outside-toplevel
-    if not (root and os.path.isfile(synthetic.annotation_file(root, "train"))):
+    problem = synthetic.check_data_root(root)
+    if problem:
+      raise DataError(problem)
+    if not synthetic.is_dataset_dir(root):
       # data.root is the cache directory holding generated sets ('' = the default one).
       root = synthetic.ensure(root or None)
     return coco.synthetic(root, split, cache_dir=cache_dir, skip_corrupt=skip)
@@ -81,12 +88,15 @@ def missing_inputs(data, splits=("train", "test")) -> list[str]:
   """Human-readable lines naming each missing data input of `splits` (empty: nothing missing).
 
   Only checks that paths exist (no index is built); the sources check contents when built.
-  The synthetic benchmark is generated on demand and is never missing.
+  The synthetic benchmark is generated on demand; only a root that `build_source` would refuse
+  (`synthetic.check_data_root`) is reported.
   """
   ds = benchmark_of(data)
   root = _get(data, "root", "")
   if ds == "synthetic":
-    return []
+    from fssjax.data import synthetic  # pylint: disable=import-outside-toplevel
+    problem = synthetic.check_data_root(root)
+    return [problem] if problem else []
   if ds in ("coco20i", "coco20i_contiguous"):
     from fssjax.data import coco  # pylint: disable=import-outside-toplevel
     missing = []

@@ -31,11 +31,15 @@ Determinism: image `i` of split `s` is drawn from `np.random.default_rng([seed, 
 any number of worker processes, for a given numpy version. Masks apply only +, -, *, / and
 sqrt to arrays (no vectorised sin/cos/atan, whose SIMD code differs between CPUs), so the
 annotations should also match across machines; image pixels may differ by rounding there.
-Bump VERSION whenever the output changes: the cache key and STAMP check rely on it. The first category of image `i` is `perm[i % 80]` for a fixed per-split
-permutation, so every category appears in at least `n // 80` images of a split.
+Bump VERSION whenever the output changes: the cache key and STAMP check rely on it. The first
+category of image `i` is `perm[i % 80]` for a fixed per-split permutation, so every category
+appears in at least `n // 80` images of a split.
 
 Use `ensure()` to get a cached copy (generated on first use, rebuilt when its STAMP does not
-match), or the CLI:
+match), or the CLI. Generation logs its progress (images done, rate, ETA) through absl logging
+every `PROGRESS_SECONDS` and at the end of each split. A run's `data.root` is checked by
+`check_data_root` first: only the default cache, an existing set, or an existing empty / cache
+directory is accepted, so a mistyped root is an error, never a silent second copy.
 
   python -m fssjax.data.synthetic --out DIR [--train 4000 --val 1000 --size 128 --seed 0]
 """
@@ -61,6 +65,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from absl import logging as absl_logging
 
 from fssjax import utils
 from fssjax.data.base import DataError
@@ -129,6 +135,7 @@ _TEXTURE_PERIOD = (0.055, 0.075)  # texture period, fraction of the image side
 _MIN_VISIBLE_FRACTION = 0.3  # of the unoccluded in-image area
 _MIN_VISIBLE_AREA = 0.003  # of the image area
 _SPLIT_PERM_OFFSET = 1000  # rng key of the per-split category permutation
+PROGRESS_SECONDS = 10.0  # generation logs progress (rate, ETA) at most this often, and at the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -675,6 +682,21 @@ def _generate_split(root: str, split: str, n: int, size: int, seed: int, image_f
   id_base = split_id * 10_000_000
   images, annotations = [], []
   t0 = time.time()
+  last = [t0]
+
+  def report():
+    done, now = len(images), time.time()
+    if done < n and now - last[0] < PROGRESS_SECONDS:
+      return
+    last[0] = now
+    rate = done / max(now - t0, 1e-9)
+    eta = (n - done) / rate if rate > 0 else float("inf")
+    line = (f"synthetic {split}: {done}/{n} images ({100 * done / n:.0f}%), "
+            f"{len(annotations)} annotations, {rate:.1f} images/s, "
+            f"elapsed {_hms(now - t0)}, ETA {_hms(eta)}")
+    absl_logging.info("%s", line)
+    if progress:
+      print(f"  {line}", flush=True)
 
   def consume(results):
     for index, anns in results:
@@ -685,9 +707,7 @@ def _generate_split(root: str, split: str, n: int, size: int, seed: int, image_f
         annotations.append({"id": id_base + len(annotations) + 1, "image_id": image_id,
                             "category_id": cat_id, "segmentation": rle, "area": area,
                             "bbox": bbox, "iscrowd": 0})
-      if progress and (len(images) % max(1, n // 10) == 0 or len(images) == n):
-        print(f"  {split}: {len(images)}/{n} images, {len(annotations)} annotations, "
-              f"{time.time() - t0:.1f}s", flush=True)
+    report()
 
   if workers <= 1 or len(jobs) <= 1:
     for job in jobs:
@@ -710,6 +730,13 @@ def _generate_split(root: str, split: str, n: int, size: int, seed: int, image_f
   }
   utils.atomic_write_json(annotation_file(root, split), coco, separators=(",", ":"))
   return coco
+
+
+def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _params(train: int, val: int, size: int, seed: int, image_format: str) -> dict[str, Any]:
@@ -824,6 +851,9 @@ def build(out: str, *, force: bool = False, workers: int = 2, progress: bool = F
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
+  absl_logging.info("Generating the synthetic benchmark (%d train + %d val images of %d px, "
+                    "seed %d) into %s with %d worker(s); progress follows", params["train"],
+                    params["val"], params["size"], params["seed"], out, workers)
   try:
     generate(tmp, workers=workers, progress=progress, **params_to_kwargs(params))
     if os.path.exists(out):
@@ -871,7 +901,7 @@ def ensure(root: str | None = None, *, workers: int = 2, progress: bool = False,
     root: parent directory of the cached sets (None or '': `default_root()`); the set lives in
       `root/dataset_key(...)`, e.g. ~/.cache/fssjax/synthetic/synthetic-v1-s0-128-4000x1000.
     workers: processes used when generating.
-    progress: print progress while generating.
+    progress: also print the progress lines (always logged through absl logging).
     **kwargs: train, val, size, seed, image_format (defaults in DEFAULTS).
 
   A matching cache (same STAMP version, seed, sizes, format) is reused; a missing, incomplete
@@ -884,6 +914,44 @@ def ensure(root: str | None = None, *, workers: int = 2, progress: bool = False,
   if generated:
     log.info("generated synthetic data set %s", out)
   return out
+
+
+def is_dataset_dir(path: str) -> bool:
+  """Whether `path` holds a generated set (its train annotation file exists)."""
+  return bool(path) and os.path.isfile(annotation_file(path, "train"))
+
+
+def check_data_root(root: str) -> str | None:
+  """Why `root` cannot be the `data.root` of the synthetic benchmark, or None if it can.
+
+  `data.root` of `data.dataset='synthetic'` is one of:
+    * '' : the default cache directory (`default_root()`), where sets are generated on first
+      use;
+    * a generated set's own directory (it has annotations/instances_train.json);
+    * a cache directory of sets: an existing directory that is empty or already holds
+      generated sets (`synthetic-v*` folders), where the set of the settings is generated on
+      first use.
+  Anything else is refused, so a mistyped path never generates a second copy somewhere else:
+  a path that does not exist (create it first to generate there), or an existing, non-empty
+  directory without sets (another data set, a typo of a parent directory).
+  """
+  if not root or is_dataset_dir(root):
+    return None
+  hint = (f"Use data.root='' for the default cache ({default_root()}), the directory of a "
+          "generated set (it holds annotations/instances_train.json), or an existing empty "
+          "directory (or one holding synthetic-v* sets) to generate the set there; generate a "
+          "set explicitly with `python -m fssjax.data.synthetic --out DIR`.")
+  if not os.path.exists(root):
+    return (f"data.root={root!r} does not exist ({os.path.abspath(root)}), so it is neither a "
+            f"synthetic set nor a cache directory of sets; nothing was generated. {hint}")
+  if not os.path.isdir(root):
+    return f"data.root={root!r} is not a directory. {hint}"
+  entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+  if entries and not any(e.startswith("synthetic-v") for e in entries):
+    shown = ", ".join(entries[:8]) + (" ..." if len(entries) > 8 else "")
+    return (f"data.root={root!r} ({os.path.abspath(root)}) is neither a synthetic set nor a "
+            f"cache directory of sets (it holds: {shown}); nothing was generated. {hint}")
+  return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,11 @@ mask [H,W]) into a network input:
      flip with probability 0.5, then a zoom by a factor uniform in `AUGMENT_SCALE` (image
      bilinear, mask nearest) and a random crop back to image_size x image_size;
   3. normalisation: 'imagenet' ((x / 255 - mean) / std, mean (0.485, 0.456, 0.406), std
-     (0.229, 0.224, 0.225)) or 'minus_one_one' (x / 127.5 - 1).
+     (0.229, 0.224, 0.225)) or 'minus_one_one' (x / 127.5 - 1); extra views may also use
+     'clip', 'sam' and 'none' (see `normalize` and `fssjax.data.views`).
+
+`support_is_empty(mask, check_size)` is the pipeline's check for a support mask that vanishes
+at the model's feature size (see its docstring).
 
 For evaluation at the original resolution the query's original mask is kept with
 `pad_original_mask(mask, max_size)`: padded with 255 to [max_size, max_size] (top-left
@@ -36,7 +40,13 @@ from fssjax.data.base import IGNORE, DataError
 
 IMAGENET_MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
 IMAGENET_STD = np.asarray((0.229, 0.224, 0.225), np.float32)
-NORMALIZATIONS = ("imagenet", "minus_one_one")
+# OpenAI CLIP (openai/CLIP clip/clip.py `_transform`), on x / 255.
+CLIP_MEAN = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
+# Segment Anything (facebookresearch/segment-anything, Sam.pixel_mean / pixel_std), on 0..255.
+SAM_MEAN = np.asarray((123.675, 116.28, 103.53), np.float32)
+SAM_STD = np.asarray((58.395, 57.12, 57.375), np.float32)
+NORMALIZATIONS = ("imagenet", "minus_one_one", "clip", "sam", "none")
 RESIZE_MODES = ("square", "pad")
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 AUGMENT_SCALE = (1.0, 1.25)
@@ -83,6 +93,12 @@ def _lut(normalization: str) -> np.ndarray:
   v = np.arange(256, dtype=np.float32)[:, None]
   if normalization == "imagenet":
     table = (v * np.float32(1 / 255) - IMAGENET_MEAN) / IMAGENET_STD
+  elif normalization == "clip":
+    table = (v * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
+  elif normalization == "sam":
+    table = (v - SAM_MEAN) / SAM_STD
+  elif normalization == "none":
+    table = np.broadcast_to(v, (256, 3))
   else:
     table = np.broadcast_to(v * np.float32(1 / 127.5) - np.float32(1.0), (256, 3))
   return np.ascontiguousarray(table.T).reshape(-1)
@@ -93,10 +109,12 @@ _CHANNEL_OFFSETS = np.arange(3, dtype=np.intp) * 256
 
 
 def normalize(image: np.ndarray, normalization: str, out: np.ndarray | None = None) -> np.ndarray:
-  """uint8 [..., 3] -> float32 [..., 3] per `normalization` ('imagenet' | 'minus_one_one').
+  """uint8 [..., 3] -> float32 [..., 3] per `normalization` (one of NORMALIZATIONS).
 
-  'imagenet': (x / 255 - mean) / std; 'minus_one_one': x / 127.5 - 1 (computed in float32,
-  through a 256-entry table per channel). `out` (float32, same shape) receives the result.
+  'imagenet': (x / 255 - mean) / std (ImageNet statistics); 'minus_one_one': x / 127.5 - 1;
+  'clip': (x / 255 - mean) / std with OpenAI CLIP's statistics; 'sam': (x - mean) / std with
+  Segment Anything's 0..255 statistics; 'none': x as float32 (0..255). Computed in float32,
+  through a 256-entry table per channel. `out` (float32, same shape) receives the result.
   """
   if normalization not in _LUTS:
     raise ValueError(f"normalization={normalization!r}; expected one of {list(NORMALIZATIONS)}")
@@ -165,6 +183,30 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int, mode: str,
   return out_image, out_mask, valid
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+  """One draw of `augment`: flip, then zoom the [S, S] canvas to [zh, zw] and crop at (y0, x0)."""
+
+  flip: bool
+  zh: int
+  zw: int
+  y0: int
+  x0: int
+
+  def __iter__(self):
+    return iter((self.flip, self.zh, self.zw, self.y0, self.x0))
+
+
+def augment_params(rng: np.random.Generator, size_h: int, size_w: int) -> AugmentParams:
+  """Draws the parameters of `augment` (flip with p 0.5, zoom U(AUGMENT_SCALE), crop offset)."""
+  flip = bool(rng.random() < 0.5)
+  scale = float(rng.uniform(*AUGMENT_SCALE))
+  zh, zw = max(size_h, round(size_h * scale)), max(size_w, round(size_w * scale))
+  y0 = int(rng.integers(zh - size_h + 1))
+  x0 = int(rng.integers(zw - size_w + 1))
+  return AugmentParams(flip, zh, zw, y0, x0)
+
+
 def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Random horizontal flip, then zoom by U(AUGMENT_SCALE) and a random crop to the input size.
@@ -176,13 +218,15 @@ def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray,
   Returns:
     The transformed (image, mask, valid), same shapes.
   """
-  if rng.random() < 0.5:
-    image, mask, valid = image[:, ::-1], mask[:, ::-1], valid[:, ::-1]
+  return _apply_augment(image, mask, valid, augment_params(rng, *mask.shape))
+
+
+def _apply_augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray,
+                   params: AugmentParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   size_h, size_w = mask.shape
-  scale = float(rng.uniform(*AUGMENT_SCALE))
-  zh, zw = max(size_h, round(size_h * scale)), max(size_w, round(size_w * scale))
-  y0 = int(rng.integers(zh - size_h + 1))
-  x0 = int(rng.integers(zw - size_w + 1))
+  flip, zh, zw, y0, x0 = params
+  if flip:
+    image, mask, valid = image[:, ::-1], mask[:, ::-1], valid[:, ::-1]
   if (zh, zw) != (size_h, size_w):
     image = resize_image(np.ascontiguousarray(image), zh, zw)
     mask = resize_nearest(mask, zh, zw)
@@ -195,6 +239,16 @@ def augment(image: np.ndarray, mask: np.ndarray, valid: np.ndarray,
 def prepare(image: np.ndarray, mask: np.ndarray, spec: TransformSpec,
             rng: np.random.Generator | None = None,
             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Source record -> network input (see `prepare_with_params`, which also returns the
+  augmentation drawn)."""
+  out, mask, _ = prepare_with_params(image, mask, spec, rng, out)
+  return out, mask
+
+
+def prepare_with_params(image: np.ndarray, mask: np.ndarray, spec: TransformSpec,
+                        rng: np.random.Generator | None = None,
+                        out: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray, AugmentParams | None]:
   """Source record -> network input.
 
   Args:
@@ -204,20 +258,24 @@ def prepare(image: np.ndarray, mask: np.ndarray, spec: TransformSpec,
     out: optional float32 [S,S,3] array that receives the image (a batch slot).
 
   Returns:
-    image float32 [S,S,3] normalised (0 on padding), mask uint8 [S,S] (255 on padding).
+    image float32 [S,S,3] normalised (0 on padding), mask uint8 [S,S] (255 on padding), and
+    the `AugmentParams` drawn (None without augmentation).
   """
   size = int(spec.image_size)
   image, mask, valid = resize_pair(np.asarray(image), np.asarray(mask), size, spec.resize,
                                    spec.interpolation)
+  params = None
   if spec.augment:
     if rng is None:
       raise ValueError("augmentation needs a random generator")
-    image, mask, valid = augment(image, mask, valid, rng)
+    size_h, size_w = mask.shape
+    params = augment_params(rng, size_h, size_w)
+    image, mask, valid = _apply_augment(image, mask, valid, params)
   out = normalize(image, spec.normalization, out=out)
   if not valid.all():
     out[~valid] = 0.0
     mask = np.where(valid, mask, np.uint8(IGNORE)).astype(np.uint8)
-  return out, mask
+  return out, mask, params
 
 
 def pad_original_mask(mask: np.ndarray, max_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,3 +294,25 @@ def pad_original_mask(mask: np.ndarray, max_size: int) -> tuple[np.ndarray, np.n
   out = np.full((max_size, max_size), IGNORE, np.uint8)
   out[:h, :w] = mask
   return out, np.asarray((h, w), np.int32)
+
+
+def support_is_empty(mask: np.ndarray, check_size: int) -> bool:
+  """Whether a support mask has no foreground left at `check_size` x `check_size`.
+
+  The rule is HSNet's mask resize (juhongm999/hsnet model/hsnet.py `mask_feature`:
+  `F.interpolate(mask, feature_size, mode='bilinear', align_corners=True)`; the same
+  `fssjax.nn.ops.interpolation_matrix` as the methods): the foreground (value 1; 0 and 255 are
+  background) is resized bilinearly with aligned corners and the mask is empty when no value
+  is > 0. A 2x2 object in a 64x64 mask is empty at 16x16 when it falls between the sampled
+  rows or columns. `check_size` <= 0: no check (False).
+  """
+  check_size = int(check_size)
+  if check_size <= 0:
+    return False
+  from fssjax.nn.ops import interpolation_matrix  # pylint: disable=import-outside-toplevel
+  fg = (np.asarray(mask) == 1).astype(np.float32)
+  if not fg.any():
+    return True
+  wh = interpolation_matrix(fg.shape[0], check_size, True)
+  ww = interpolation_matrix(fg.shape[1], check_size, True)
+  return not bool(((wh @ fg @ ww.T) > 0).any())
