@@ -1,4 +1,6 @@
-"""Episodic few-shot evaluation of any `fssjax.methods.base.Method` (DESIGN section 4).
+"""Episodic few-shot evaluation of any `fssjax.methods.base.Method`.
+
+The published protocol of HSNet (Min et al., ICCV 2021; juhongm999/hsnet).
 
 `evaluate` runs `method.predict` on a stream of episode batches, turns scores into masks
 (`scores > method.threshold`), counts per-episode intersection / union on the device and sums
@@ -8,9 +10,10 @@ score it reports the trivial all-foreground prediction on the very same episodes
 
 Two jitted stages per batch:
   1. `predict` (compiled once per method and batch shape): float32 scores [S, B, h, w] at the
-     model's own output resolution; they are upsampled once, bilinearly with the method's
-     `align_corners`, straight to the resolution that is scored (HSNet upsamples its
-     quarter-resolution logits this way, never twice).
+     model's own output resolution; they are upsampled once, straight to the resolution that
+     is scored, per `method.interpolation`: 'bilinear' with the method's `align_corners`
+     (HSNet upsamples its quarter-resolution logits this way, never twice) or 'nearest'
+     (PyTorch's nearest index rule; DiffewS's published evaluation resizes its masks so).
      `method.kshot == 'vote'`: S = K one-shot passes (supports `[:, k:k+1]`) run with
      `lax.scan`, so the model is traced once whatever K; `'joint'` (or K = 1): S = 1, one pass
      with all K supports.
@@ -33,7 +36,13 @@ Resolution:
     computing on the whole M x M canvas.
 
 The ground truth (`query_mask`, `query_mask_orig`) and the bookkeeping keys (`valid`,
-`episode_index`) never reach `method.predict`; every other numeric key does.
+`episode_index`, `support_empty`, `masks_resized`) never reach `method.predict`; every other
+numeric key does. `support_empty` and `masks_resized` are summed over the valid episodes and
+reported with the result.
+
+Headline. `left_out` names the fold classes that could not be evaluated (fewer than K + 1
+images, so no episode); `miou` averages over the other classes and `miou_all_classes` over
+all fold classes (the published logger's number, in which a left-out class counts as 0).
 
 Multi-device: with a `mesh`, each process's local batch becomes a global array sharded along
 the mesh's 'data' axis (`jax.make_array_from_process_local_data`); params and frozen are
@@ -69,7 +78,7 @@ PyTree = Any
 
 # Keys the method never sees.
 _TRUTH_KEYS = ("query_mask", "query_mask_orig")
-_HOST_KEYS = ("valid", "episode_index")
+_HOST_KEYS = ("valid", "episode_index", "support_empty", "masks_resized")
 _REQUIRED = ("query_image", "query_mask", "support_images", "support_masks", "class_id")
 _SIZE_BUCKET = 64
 
@@ -147,10 +156,23 @@ def _score(scores, truth, interp_h, interp_w, query_size, *, threshold: float, o
               pred=pred)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "align_corners"))
-def _resize_scores(scores, size, align_corners: bool):
-  """[S, B, h, w] scores -> [S, B, H, W] by bilinear interpolation (PyTorch semantics)."""
+@functools.partial(jax.jit, static_argnames=("size", "align_corners", "mode"))
+def _resize_scores(scores, size, align_corners: bool, mode: str = "bilinear"):
+  """[S, B, h, w] scores -> [S, B, H, W] by bilinear interpolation or, with mode='nearest',
+  nearest neighbours (PyTorch semantics for both)."""
+  if mode == "nearest":
+    rows = _nearest_indices(scores.shape[2], size[0])
+    cols = _nearest_indices(scores.shape[3], size[1])
+    return scores[:, :, rows[:, None], cols[None, :]]
   return ops.resize_bilinear(scores, size, axes=(2, 3), align_corners=align_corners)
+
+
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """PyTorch `F.interpolate(mode='nearest')` source indices: min(floor(dst * (in / out)),
+  in - 1), the scale computed in float32 as its CPU kernel does."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
 
 
 _PREDICT_CACHE: "weakref.WeakKeyDictionary[Method, dict]" = weakref.WeakKeyDictionary()
@@ -170,21 +192,28 @@ def _get_predict(method: Method):
 
 
 @functools.lru_cache(maxsize=4096)
-def _interp(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+def _interp(in_size: int, out_size: int, align_corners: bool,
+            mode: str = "bilinear") -> np.ndarray:
+  """[out_size, in_size] weights with out = W @ in: bilinear (PyTorch semantics) or, with
+  mode='nearest', one-hot rows at PyTorch's nearest source index."""
+  if mode == "nearest":
+    w = np.zeros((out_size, in_size), np.float32)
+    w[np.arange(out_size), _nearest_indices(in_size, out_size)] = 1.0
+    return w
   return ops.interpolation_matrix(in_size, out_size, align_corners)
 
 
-def _padded_interp(in_size: int, sizes: np.ndarray, out_max: int,
-                   align_corners: bool) -> np.ndarray:
+def padded_interp(in_size: int, sizes: np.ndarray, out_max: int,
+                  align_corners: bool, mode: str = "bilinear") -> np.ndarray:
   """[B, out_max, in_size] interpolation matrices, rows beyond each out size zero."""
   out = np.zeros((len(sizes), out_max, in_size), np.float32)
   for b, n in enumerate(sizes):
     if n > 0:
-      out[b, :n] = _interp(in_size, int(n), align_corners)
+      out[b, :n] = _interp(in_size, int(n), align_corners, mode)
   return out
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
   return int(math.ceil(n / m) * m)
 
 
@@ -229,7 +258,8 @@ def _check_batch(batch: Mapping[str, Any], index: int) -> None:
 
 
 def _original_truth(batch: Mapping[str, Any], valid: np.ndarray, hw: tuple[int, int],
-                    align_corners: bool) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+                    align_corners: bool,
+                    mode: str = "bilinear") -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
   """Cropped original-size truth [B, Hb, Wb] and interpolation inputs for `_score`.
 
   The padded canvas (for example 1024 x 1024) is cropped to the batch's largest valid query
@@ -244,12 +274,12 @@ def _original_truth(batch: Mapping[str, Any], valid: np.ndarray, hw: tuple[int, 
     hb, wb = mo.shape[1], mo.shape[2]
   else:
     hb, wb = qs[:, 0].max(), qs[:, 1].max()
-  hb, wb = _round_up(hb, _SIZE_BUCKET), _round_up(wb, _SIZE_BUCKET)
+  hb, wb = round_up(hb, _SIZE_BUCKET), round_up(wb, _SIZE_BUCKET)
   truth = np.full((mo.shape[0], hb, wb), IGNORE, mo.dtype)
   h, w = min(hb, mo.shape[1]), min(wb, mo.shape[2])
   truth[:, :h, :w] = mo[:, :h, :w]
-  return truth, (_padded_interp(hw[0], qs[:, 0], hb, align_corners),
-                 _padded_interp(hw[1], qs[:, 1], wb, align_corners), qs)
+  return truth, (padded_interp(hw[0], qs[:, 0], hb, align_corners, mode),
+                 padded_interp(hw[1], qs[:, 1], wb, align_corners, mode), qs)
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -258,7 +288,7 @@ def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[:1], n, axis=0)], axis=0)
 
 
-def _local_data_shards(mesh) -> int:
+def local_data_shards(mesh) -> int:
   """Number of distinct 'data' shards of a batch held by this process's devices."""
   sharding = NamedSharding(mesh, P("data"))
   n_data = mesh.shape["data"]
@@ -277,7 +307,7 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
 
 
-def _place_params(tree: PyTree, mesh) -> PyTree:
+def place_params(tree: PyTree, mesh) -> PyTree:
   if mesh is None:
     return tree
   replicated = NamedSharding(mesh, P())
@@ -308,8 +338,9 @@ def _is_numeric(v) -> bool:
 
 
 def _collect_summaries(summaries: list, num: int, method: Method, host: dict,
-                       pred: np.ndarray) -> None:
-  """Appends display examples from one finished batch (valid rows only)."""
+                       pred: np.ndarray, iou: np.ndarray) -> None:
+  """Appends display examples from one finished batch (valid rows only); `iou` [B] is each
+  episode's foreground IoU x 100."""
   batch = host["batch"]
   if batch is None:
     return
@@ -332,6 +363,7 @@ def _collect_summaries(summaries: list, num: int, method: Method, host: dict,
         class_id=int(np.asarray(batch["class_id"])[i]),
         episode_index=int(np.asarray(batch["episode_index"])[i])
         if "episode_index" in batch else -1,
+        iou=float(iou[i]),
     ))
 
 
@@ -365,7 +397,8 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
              mesh: jax.sharding.Mesh | None = None,
              class_names: Sequence[str] | Mapping[int, str] | None = None,
              num_summary: int = 0, progress: bool = True,
-             total_episodes: int | None = None, log_every: int = 10) -> dict:
+             total_episodes: int | None = None, log_every: int = 10,
+             left_out: Sequence[int] = ()) -> dict:
   """Evaluates `method` on episode batches with the published class-wise protocol.
 
   Args:
@@ -374,9 +407,13 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
     batches: iterable of dicts of numpy arrays (this process's local batches): query_image
       [B,H,W,3], query_mask [B,H,W] uint8, support_images [B,K,H,W,3], support_masks
       [B,K,H,W], class_id [B]; optional valid [B] bool (False rows are padding and do not
-      count), episode_index [B], and query_mask_orig [B,Hmax,Wmax] + query_size [B,2] to score
-      at the original query resolution.
-    class_ids: the fold's test classes; mIoU averages over all of them.
+      count), episode_index [B], support_empty [B,K] bool (a support whose mask is empty at
+      the data pipeline's check size: counted and reported, never passed to the method),
+      masks_resized [B] int (masks of the episode resized to their image: summed and
+      reported), and
+      query_mask_orig [B,Hmax,Wmax] + query_size [B,2] to score at the original query
+      resolution.
+    class_ids: the fold's test classes; `miou_all_classes` averages over all of them.
     mesh: optional device mesh with a 'data' axis; batches are sharded along it.
     class_names: optional names, indexed by class id.
     num_summary: number of (query, truth, prediction, support) examples to return.
@@ -385,25 +422,37 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
     total_episodes: total number of episodes for the ETA (default: len(batches) x batch size
       when `batches` has a length).
     log_every: progress cadence in batches.
+    left_out: fold classes without episodes (fewer than K + 1 images); `miou` (the
+      headline) averages over the other classes, `miou_all_classes` over all of them (the
+      published logger's number, which counts a left-out class with IoU 0).
 
   Returns:
-    dict with miou, fbiou, per_class_iou {class_id: IoU x 100}, per_class_episodes,
-    n_episodes, baseline_miou, baseline_fbiou, baseline_per_class_iou, resolution
+    dict with miou, miou_all_classes, left_out_classes, fbiou, per_class_iou
+    {class_id: IoU x 100}, per_class_episodes,
+    n_episodes, support_empty (number of valid episodes' supports flagged empty; 0 when the
+    batches carry no `support_empty`), masks_resized (sum over valid episodes; 0 when
+    absent), baseline_miou (over the same classes as miou),
+    baseline_miou_all_classes, baseline_fbiou, baseline_per_class_iou, resolution
     ('original' or 'HxW'), shots, kshot, seconds, episodes_per_second (after the first
     batch, i.e. without compilation), class_names {class_id: name} when given, and summaries
     (a list of dicts with query [H,W,3] float in [0,1], truth and prediction [h,w] uint8 at
-    the scoring resolution, support [H,W,3], support_mask [H,W], class_id, episode_index).
+    the scoring resolution, support [H,W,3], support_mask [H,W], class_id, class_name (when
+    names are given), episode_index, iou: the episode's foreground IoU x 100).
   """
   class_ids = [int(c) for c in class_ids]
+  interpolation = str(getattr(method, "interpolation", "bilinear"))
+  if interpolation not in ("bilinear", "nearest"):
+    raise ValueError(f"{type(method).__name__}.interpolation={interpolation!r}; expected "
+                     "'bilinear' or 'nearest'")
   acc = metrics.SegmentationAccumulator(class_ids)
   base = metrics.SegmentationAccumulator(class_ids)
-  params = _place_params(params, mesh)
-  frozen = _place_params(frozen, mesh)
+  params = place_params(params, mesh)
+  frozen = place_params(frozen, mesh)
   if mesh is not None:
     if "data" not in mesh.shape:
       raise ValueError(f"evaluate: the mesh needs a 'data' axis; has {dict(mesh.shape)}")
     batch_sharding = NamedSharding(mesh, P("data"))
-    local_multiple = _local_data_shards(mesh)
+    local_multiple = local_data_shards(mesh)
   else:
     batch_sharding, local_multiple = None, 1
   if total_episodes is None and hasattr(batches, "__len__"):
@@ -414,6 +463,8 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
   start = time.perf_counter()
   first_done = None  # (time, episodes) after the first batch (compilation).
   counted = 0
+  support_empty = 0
+  masks_resized = 0
   pending = None
 
   def finish(pend):
@@ -427,7 +478,9 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
                 _local_rows(out["base_union"])[:b], host["valid"])
     counted += int(host["valid"].sum())
     if len(summaries) < num_summary:
-      _collect_summaries(summaries, num_summary, method, host, _local_rows(out["pred"])[:b])
+      episode_iou = inter[:, 1] / np.maximum(union[:, 1], 1) * 100.0
+      _collect_summaries(summaries, num_summary, method, host, _local_rows(out["pred"])[:b],
+                         episode_iou)
     if first_done is None:
       first_done = (time.perf_counter(), counted)
     if progress and (host["index"] + 1) % log_every == 0:
@@ -442,6 +495,10 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
       if total_episodes is not None and total_episodes < 0:
         total_episodes = -total_episodes * b
       valid = np.asarray(batch.get("valid", np.ones((b,), bool)), bool)
+      if "support_empty" in batch:
+        support_empty += int(np.asarray(batch["support_empty"], bool)[valid].sum())
+      if "masks_resized" in batch:
+        masks_resized += int(np.asarray(batch["masks_resized"], np.int64)[valid].sum())
       original = "query_mask_orig" in batch
       hw = tuple(batch["query_image"].shape[1:3])
       k = int(batch["support_images"].shape[1])
@@ -468,11 +525,12 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
       scores = predict(params, frozen, inputs)
       score_hw = tuple(scores.shape[-2:])
       if original:
-        truth, extras = _original_truth(batch, valid, score_hw, bool(method.align_corners))
+        truth, extras = _original_truth(batch, valid, score_hw, bool(method.align_corners),
+                                        interpolation)
       else:
         truth, extras = np.asarray(batch["query_mask"]), (None, None, None)
         if score_hw != hw:
-          scores = _resize_scores(scores, hw, bool(method.align_corners))
+          scores = _resize_scores(scores, hw, bool(method.align_corners), interpolation)
       scoring = jax.tree.map(lambda x: _pad_rows(x, pad), (truth,) + extras)
       if to_global is not None:
         scoring = jax.tree.map(to_global, scoring)
@@ -488,73 +546,57 @@ def evaluate(method: Method, params: PyTree, frozen: PyTree,
 
   acc.sum_across_processes()
   base.sum_across_processes()
+  support_empty, masks_resized = (int(v) for v in metrics.sum_across_processes(
+      [np.asarray(support_empty, np.int64), np.asarray(masks_resized, np.int64)]))
   elapsed = time.perf_counter() - start
-  res = acc.result()
-  base_res = base.result()
+  res = acc.result(left_out)
+  base_res = base.result(left_out)
   steady = None
   if first_done is not None and counted > first_done[1]:
     steady = (counted - first_done[1]) / max(time.perf_counter() - first_done[0], 1e-9)
   results = dict(
-      miou=res["miou"], fbiou=res["fbiou"], per_class_iou=res["per_class_iou"],
-      per_class_episodes=res["per_class_episodes"], n_episodes=res["n_episodes"],
-      baseline_miou=base_res["miou"], baseline_fbiou=base_res["fbiou"],
-      baseline_per_class_iou=base_res["per_class_iou"],
+      miou=res["miou"], miou_all_classes=res["miou_all_classes"],
+      left_out_classes=res["left_out_classes"], fbiou=res["fbiou"],
+      per_class_iou=res["per_class_iou"], per_class_episodes=res["per_class_episodes"],
+      n_episodes=res["n_episodes"], support_empty=support_empty, masks_resized=masks_resized,
+      baseline_miou=base_res["miou"], baseline_miou_all_classes=base_res["miou_all_classes"],
+      baseline_fbiou=base_res["fbiou"], baseline_per_class_iou=base_res["per_class_iou"],
       resolution=info["resolution"], shots=info["shots"], kshot=method.kshot,
       seconds=elapsed, episodes_per_second=steady, summaries=summaries)
   if class_names is not None:
     results["class_names"] = {c: str(class_names[c]) for c in acc.class_ids}
+    for s in summaries:
+      s["class_name"] = results["class_names"].get(s["class_id"], "")
   if progress:
     logging.info("eval done: %d episodes in %s, mIoU %.2f, FB-IoU %.2f (all-fg baseline "
                  "%.2f / %.2f)", res["n_episodes"], _format_seconds(elapsed), res["miou"],
                  res["fbiou"], base_res["miou"], base_res["fbiou"])
+    if res["left_out_classes"]:
+      logging.info("eval: mIoU %.2f over the %d evaluated classes; %.2f over all %d fold "
+                   "classes (the published logger's number: the left-out classes %s count "
+                   "with IoU 0)", res["miou"], len(acc.class_ids) - len(res["left_out_classes"]),
+                   res["miou_all_classes"], len(acc.class_ids), res["left_out_classes"])
   return results
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[float]) -> np.ndarray:
-  """Blends `color` over `image` [H,W,3] where mask == 1; ignore (255) drawn grey."""
-  h, w = image.shape[:2]
-  rows = np.minimum((np.arange(h) * mask.shape[0]) // h, mask.shape[0] - 1)
-  cols = np.minimum((np.arange(w) * mask.shape[1]) // w, mask.shape[1] - 1)
-  m = mask[rows][:, cols]
-  out = image.copy()
-  fg = m == 1
-  out[fg] = 0.5 * out[fg] + 0.5 * np.asarray(color, np.float32)
-  out[m == IGNORE] = 0.5
-  return out
-
-
-def summary_grid(summaries: Sequence[Mapping[str, Any]]) -> np.ndarray:
-  """[N, H, 4W, 3] float32 panels: query | truth | prediction | first support (masks overlaid).
-
-  Masks at another resolution (original-size scoring) are resized nearest to the query image.
-  """
-  if not summaries:
-    return np.zeros((0, 1, 4, 3), np.float32)
-  panels = []
-  for s in summaries:
-    q = np.asarray(s["query"], np.float32)
-    sup = np.asarray(s["support"], np.float32)
-    if sup.shape != q.shape:
-      sup = _resize_image_nearest(sup, q.shape[:2])
-    sup_mask = np.asarray(s["support_mask"])
-    panels.append(np.concatenate([
-        q,
-        _overlay(q, s["truth"], (0.0, 1.0, 0.0)),
-        _overlay(q, s["prediction"], (1.0, 0.0, 0.0)),
-        _overlay(sup, sup_mask, (0.0, 0.4, 1.0)),
-    ], axis=1))
-  return np.stack(panels).astype(np.float32)
-
-
-def _resize_image_nearest(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-  rows = np.minimum((np.arange(size[0]) * image.shape[0]) // size[0], image.shape[0] - 1)
-  cols = np.minimum((np.arange(size[1]) * image.shape[1]) // size[1], image.shape[1] - 1)
-  return image[rows][:, cols]
-
-
 def format_results(results: Mapping[str, Any]) -> str:
-  """A console table: mIoU, FB-IoU, the all-foreground baseline and per-class IoU."""
+  """A console table: mIoU, FB-IoU, the all-foreground baseline and per-class IoU (for the
+  results of `fssjax.evaluators`' dense evaluator: mIoU, mAcc, fwIoU, pixel accuracy and the
+  IoU of each class present in the truth)."""
   names = results.get("class_names") or {}
+  if results.get("evaluator") == "dense":
+    lines = [f"Dense evaluation: {results['n_images']} images, {results['resolution']}, "
+             f"ignore label {results['ignore_label']}"]
+    for key, label in (("miou", "mIoU"), ("macc", "mAcc"), ("fwiou", "fwIoU"),
+                       ("pixel_acc", "pixel acc")):
+      lines.append(f"{label:14s}{results[key]:10.2f}")
+    lines.append(f"classes in the truth: {results['n_classes_present']} of "
+                 f"{len(results['per_class_iou'])} (mIoU and mAcc average over them)")
+    lines.append(f"{'class':>6s}  {'name':24s}{'IoU':>8s}")
+    for c, iou in results["per_class_iou"].items():
+      if iou == iou:  # not NaN: present in the truth
+        lines.append(f"{c:6d}  {names.get(c, '')[:24]:24s}{iou:8.2f}")
+    return "\n".join(lines)
   lines = [
       f"Few-shot evaluation: {results['n_episodes']} episodes, {results['shots']}-shot "
       f"({results['kshot']}), scored at {results['resolution']} resolution",
@@ -562,10 +604,28 @@ def format_results(results: Mapping[str, Any]) -> str:
       f"{'mIoU':14s}{results['miou']:10.2f}{results['baseline_miou']:10.2f}",
       f"{'FB-IoU':14s}{results['fbiou']:10.2f}{results['baseline_fbiou']:10.2f}",
   ]
+  left_out = results.get("left_out_classes") or []
+  if left_out:
+    n = len(results["per_class_iou"])
+    lines[2] += f"   (mean over the {n - len(left_out)} evaluated of {n} fold classes)"
+    lines.insert(3, f"{'mIoU, all':14s}{results['miou_all_classes']:10.2f}"
+                    f"{results['baseline_miou_all_classes']:10.2f}   (all {n} fold classes, "
+                    f"left-out ones as 0: the published logger's number)")
+    lines.append(f"left out (fewer than K + 1 images): "
+                 + ", ".join(f"{c} {names.get(c, '')}".strip() for c in left_out))
+  if results.get("support_empty"):
+    lines.append(f"{'empty supports':14s}{results['support_empty']:10d}   (support masks empty "
+                 f"at the check size)")
+  if results.get("masks_resized"):
+    lines.append(f"{'resized masks':14s}{results['masks_resized']:10d}   (masks whose size "
+                 f"differed from their image, resized nearest)")
   if results.get("episodes_per_second"):
     lines.append(f"{'episodes/s':14s}{results['episodes_per_second']:10.1f}")
   lines.append(f"{'class':>6s}  {'name':24s}{'IoU':>8s}{'all-fg':>8s}{'episodes':>10s}")
   for c, iou in results["per_class_iou"].items():
+    if c in left_out:
+      lines.append(f"{c:6d}  {names.get(c, '')[:24]:24s}{'left out':>8s}")
+      continue
     lines.append(f"{c:6d}  {names.get(c, '')[:24]:24s}{iou:8.2f}"
                  f"{results['baseline_per_class_iou'][c]:8.2f}"
                  f"{results['per_class_episodes'][c]:10d}")

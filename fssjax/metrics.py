@@ -1,6 +1,7 @@
 """Segmentation metrics: the published few-shot protocol and an open-vocabulary mIoU.
 
-Few-shot protocol (DESIGN section 4; HSNet's `common/evaluation.py` and `common/logger.py`):
+Few-shot protocol (HSNet, Min et al., ICCV 2021; juhongm999/hsnet `common/evaluation.py` and
+`common/logger.py`):
 
   * Per episode, `intersection_union` counts intersection and union of background (index 0)
     and foreground (index 1). A truth pixel of 255 is *ignore*: HSNet sets the prediction to
@@ -19,10 +20,20 @@ Few-shot protocol (DESIGN section 4; HSNet's `common/evaluation.py` and `common/
   * `vote` is HSNet's K-shot rule: the K one-shot argmax masks are summed into votes, and a
     pixel is foreground where votes / max(max_votes_in_image, 1) >= 0.5.
 
-Open-vocabulary protocol: `DenseAccumulator` keeps a confusion matrix over `num_classes`
-classes (truth 255 ignored); mIoU is the mean IoU over the classes present, i.e. with a
-non-empty union in truth or prediction (detectron2's `SemSegEvaluator`: a class that is only
-predicted counts with IoU 0, a class absent from both is left out).
+  * `SegmentationAccumulator.result(left_out=...)` also reports the mean over the classes
+    that were evaluated: a fold class with fewer than K + 1 images never gets an episode, and
+    the published mean (over all fold classes) counts it with IoU 0. `miou` is the mean over
+    the classes not left out; `miou_all_classes` is the published logger's number. The two
+    are equal when no class is left out (full COCO-20i and PASCAL-5i).
+
+Open-vocabulary protocol (detectron2's `SemSegEvaluator.evaluate`, as changed in 2022):
+`DenseAccumulator` keeps one confusion matrix (rows truth, columns prediction; truth pixels
+equal to the data set's ignore label -- 255, or 65535 for 16-bit label maps -- are not counted,
+nor are the predictions there). Per class: IoU = tp / (truth + predicted - tp), accuracy =
+tp / truth. mIoU and mean accuracy average over the classes *present in the ground truth*
+(a class only predicted, never in the truth, is left out: its false positives still lower the
+IoU of the truth classes they were taken from); frequency-weighted IoU weights each class by
+its truth pixels; pixel accuracy = sum tp / sum truth.
 
 Counts are exact integers: int32 on device (exact up to 2^31 pixels per image), int64 sums on
 the host.
@@ -36,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE = 255
+from fssjax.data.base import IGNORE  # 255: the few-shot masks' ignore label
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ def confusion_matrix(pred: jax.Array, truth: jax.Array, num_classes: int,
 # Host-side accumulation.
 
 
-def _sum_across_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+def sum_across_processes(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
   """Sums host arrays over all JAX processes (identity with a single process).
 
   Every process must call this (it is a collective).
@@ -199,7 +210,7 @@ class SegmentationAccumulator:
 
   def sum_across_processes(self) -> "SegmentationAccumulator":
     """Replaces the sums by their total over all JAX processes (collective); returns self."""
-    self.inter, self.union, self.episodes = _sum_across_processes(
+    self.inter, self.union, self.episodes = sum_across_processes(
         [self.inter, self.union, self.episodes])
     return self
 
@@ -213,25 +224,54 @@ class SegmentationAccumulator:
     """Foreground IoU per class [num_classes] float64 in [0, 1] (0 for a class never drawn)."""
     return self.inter[:, 1] / np.maximum(self.union[:, 1], 1)
 
-  def result(self) -> dict:
-    """dict(miou, fbiou, per_class_iou {class_id: IoU x 100}, n_episodes, per_class_episodes)."""
+  def result(self, left_out: Sequence[int] = ()) -> dict:
+    """The class-wise scores.
+
+    Args:
+      left_out: fold classes that could not be evaluated (fewer than K + 1 images, so no
+        episode was drawn for them); they are excluded from `miou` but not from
+        `miou_all_classes`.
+
+    Returns:
+      dict(miou: mean IoU x 100 over the classes not left out (the headline),
+      miou_all_classes: mean over all fold classes (HSNet's logger; = miou when nothing is
+      left out), fbiou, per_class_iou {class_id: IoU x 100}, n_episodes, per_class_episodes,
+      left_out_classes: sorted list).
+
+    Raises:
+      ValueError: a left-out class that is not a fold class, or every class left out.
+    """
+    left = sorted({int(c) for c in left_out})
+    unknown = [c for c in left if c not in self._row]
+    if unknown:
+      raise ValueError(f"result: left-out classes {unknown} are not among the fold classes "
+                       f"{list(self.class_ids)}")
+    if len(left) == len(self.class_ids):
+      raise ValueError(f"result: every fold class {list(self.class_ids)} is left out")
     iou = self.class_iou()
+    evaluated = np.ones((len(self.class_ids),), bool)
+    evaluated[[self._row[c] for c in left]] = False
     pooled_inter = self.inter.sum(axis=0)
     pooled_union = self.union.sum(axis=0)
     fb = pooled_inter / np.maximum(pooled_union, 1)
+    all_classes = float(iou.mean() * 100.0)
     return dict(
-        miou=float(iou.mean() * 100.0),
+        miou=float(iou[evaluated].mean() * 100.0) if left else all_classes,
+        miou_all_classes=all_classes,
         fbiou=float(fb.mean() * 100.0),
         per_class_iou={c: float(v * 100.0) for c, v in zip(self.class_ids, iou)},
         per_class_episodes={c: int(n) for c, n in zip(self.class_ids, self.episodes)},
         n_episodes=self.n_episodes,
+        left_out_classes=left,
     )
 
 
 class DenseAccumulator:
-  """Open-vocabulary dense segmentation mIoU from a confusion matrix (host, int64).
+  """Open-vocabulary dense segmentation scores from a confusion matrix (host, int64).
 
-  Rows are truth classes, columns predicted classes; truth `ignore` pixels are skipped.
+  Rows are truth classes, columns predicted classes; truth `ignore` pixels are skipped (the
+  data set's ignore label: 255, or 65535 for 16-bit label maps such as ADE20K-847 and
+  PASCAL-Context-459).
   """
 
   def __init__(self, num_classes: int, ignore: int = IGNORE):
@@ -280,30 +320,47 @@ class DenseAccumulator:
     return self
 
   def sum_across_processes(self) -> "DenseAccumulator":
-    (self.matrix,) = _sum_across_processes([self.matrix])
+    (self.matrix,) = sum_across_processes([self.matrix])
     return self
 
   allgather = sum_across_processes
 
   def result(self, class_names: Sequence[str] | Mapping[int, str] | None = None) -> dict:
-    """dict(miou, pixel_acc, per_class_iou {class: IoU x 100 or nan if absent}, n_classes_present).
+    """Scores of the accumulated confusion matrix (detectron2's rule, see the module docstring).
 
-    mIoU averages over the classes with a non-empty union (present in truth or prediction).
+    Returns:
+      dict(miou, macc, fwiou, pixel_acc (all x 100), per_class_iou and per_class_acc
+      {class index or name: x 100, nan for a class absent from the truth},
+      n_classes_present (classes with truth pixels), predicted_not_present (classes predicted
+      but absent from the truth: indices or names), n_pixels (counted truth pixels)).
+      With no counted pixel at all every score is 0.
     """
     tp = np.diag(self.matrix).astype(np.float64)
     pos_truth = self.matrix.sum(axis=1).astype(np.float64)
     pos_pred = self.matrix.sum(axis=0).astype(np.float64)
     union = pos_truth + pos_pred - tp
-    present = union > 0
+    present = pos_truth > 0  # detectron2: acc_valid = pos_gt > 0; iou_valid = acc_valid & union > 0
     iou = np.full((self.num_classes,), np.nan)
+    acc = np.full((self.num_classes,), np.nan)
     iou[present] = tp[present] / union[present]
-    miou = float(iou[present].mean() * 100.0) if present.any() else 0.0
+    acc[present] = tp[present] / pos_truth[present]
     total = pos_truth.sum()
-    keys = range(self.num_classes) if class_names is None else [
+    keys = list(range(self.num_classes)) if class_names is None else [
         class_names[i] for i in range(self.num_classes)]
+    if present.any():
+      miou = float(iou[present].mean() * 100.0)
+      macc = float(acc[present].mean() * 100.0)
+      fwiou = float(np.sum(iou[present] * pos_truth[present] / total) * 100.0)
+    else:
+      miou = macc = fwiou = 0.0
     return dict(
         miou=miou,
+        macc=macc,
+        fwiou=fwiou,
         pixel_acc=float(tp.sum() / total * 100.0) if total else 0.0,
         per_class_iou={k: float(v * 100.0) for k, v in zip(keys, iou)},
+        per_class_acc={k: float(v * 100.0) for k, v in zip(keys, acc)},
         n_classes_present=int(present.sum()),
+        predicted_not_present=[keys[i] for i in np.flatnonzero((pos_pred > 0) & ~present)],
+        n_pixels=int(total),
     )

@@ -151,6 +151,38 @@ def test_evaluate_matches_numpy(kshot, k):
   assert 0 < res["miou"] < 100 and res["miou"] != res["baseline_miou"]
 
 
+def test_support_empty_and_resized_masks_are_counted_and_never_reach_the_method():
+  batches = make_batches(k=2, seed=8)
+  flagged = []
+  for i, batch in enumerate(batches):
+    b = dict(batch)
+    empty = np.zeros((4, 2), bool)
+    empty[0, 1] = True
+    empty[2] = True
+    b["support_empty"] = empty
+    b["masks_resized"] = np.array([0, 2, 5, 1], np.int32)
+    if i == 0:
+      b["valid"] = np.array([True, True, False, True])  # the flags of padding rows do not count
+    flagged.append(b)
+
+  class Strict(ThresholdMethod):
+
+    def predict(self, params, frozen, batch):
+      assert "support_empty" not in batch and "masks_resized" not in batch
+      return super().predict(params, frozen, batch)
+
+  res = run_eval(Strict("vote", 0.1), flagged)
+  assert res["support_empty"] == 1 + 3 * 2  # batch 0: row 2 is padding
+  assert res["masks_resized"] == 3 + 8 + 8
+  table = ev.format_results(res)
+  assert "empty supports" in table and "resized masks" in table
+  plain = run_eval(Strict("vote", 0.1), batches)
+  assert plain["support_empty"] == 0 and plain["masks_resized"] == 0
+  assert res["miou"] != plain["miou"]  # a padding row changed what was counted
+  unpadded = [dict(b, valid=np.ones((4,), bool)) for b in flagged]
+  assert run_eval(Strict("vote", 0.1), unpadded)["miou"] == plain["miou"]
+
+
 def test_vote_differs_from_joint_on_these_episodes():
   batches = make_batches(k=3, seed=3)
   vote = run_eval(ThresholdMethod("vote", 0.1), batches)
@@ -226,8 +258,12 @@ def test_summaries_format_and_errors():
   s = res["summaries"][0]
   assert s["query"].shape == (8, 8, 3) and s["query"].min() >= 0 and s["query"].max() <= 1
   assert s["prediction"].shape == (8, 8) and s["episode_index"] == 0
-  grid = ev.summary_grid(res["summaries"])
-  assert grid.shape == (3, 8, 32, 3) and grid.dtype == np.float32
+  assert s["class_name"] == f"class{s['class_id']}"
+  # Each summary carries its episode's foreground IoU (x 100).
+  pred, truth = s["prediction"] == 1, s["truth"] == 1
+  keep = s["truth"] != I
+  want_iou = np.sum(pred & truth & keep) / max(np.sum((pred | truth) & keep), 1) * 100
+  assert s["iou"] == pytest.approx(want_iou)
   table = ev.format_results(res)
   assert "mIoU" in table and "FB-IoU" in table and "class7" in table and "all-fg" in table
   assert f"{res['miou']:.2f}" in table
@@ -311,3 +347,17 @@ def test_eight_device_mesh_matches_one_device():
     assert out[name]["mesh"] == here, name
     assert out[name]["single"] == here, name
     assert here["n_episodes"] == len(kwargs["batches"]) * len(kwargs["batches"][0]["class_id"])
+
+
+def test_nearest_interpolation_follows_pytorch_index_rule():
+  # PyTorch F.interpolate(mode='nearest'), 3 -> 7: source index floor(dst * 3 / 7).
+  np.testing.assert_array_equal(ev._nearest_indices(3, 7), [0, 0, 0, 1, 1, 2, 2])
+  # 4 -> 2: every other source row, starting at 0.
+  np.testing.assert_array_equal(ev._nearest_indices(4, 2), [0, 2])
+  scores = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
+  out = np.asarray(ev._resize_scores(scores, (4, 3), False, "nearest"))
+  np.testing.assert_array_equal(out[0, 0], [[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]])
+  # The matrix form (original-size scoring) gives the same one-hot rows.
+  w = ev._interp(3, 7, False, "nearest")
+  np.testing.assert_array_equal(w.argmax(1), ev._nearest_indices(3, 7))
+  np.testing.assert_array_equal(w.sum(1), np.ones(7))

@@ -174,20 +174,41 @@ def test_dense_accumulator_by_hand():
   pred = np.array([[0, 1, 1, 1, 3, 3]])
   acc = metrics.DenseAccumulator(4)
   acc.update(pred, truth)
-  # Counted pixels: the first five.
-  # class 0: tp 1, truth 2, pred 1 -> IoU 1/2;  class 1: tp 2, truth 2, pred 3 -> 2/3;
-  # class 2: tp 0, truth 1, pred 0 -> 0;  class 3: tp 0, truth 0, pred 1 -> 0 (present: union 1).
-  # mIoU = (1/2 + 2/3 + 0 + 0) / 4 x 100 = 29.1666...
+  # Counted pixels: the first five (the prediction under the ignored pixel is not counted).
+  # Confusion matrix (rows truth, columns prediction):
+  want = np.array([[1, 1, 0, 0],
+                   [0, 2, 0, 0],
+                   [0, 0, 0, 1],
+                   [0, 0, 0, 0]])
+  np.testing.assert_array_equal(acc.matrix, want)
+  # class 0: tp 1, truth 2, pred 1 -> IoU 1/2, acc 1/2;  class 1: tp 2, truth 2, pred 3 -> 2/3,
+  # acc 1;  class 2: tp 0, truth 1, pred 0 -> 0, acc 0;  class 3: predicted once, absent from
+  # the truth -> left out (detectron2 since 2022: iou_valid = pos_gt > 0 & union > 0).
+  # mIoU = (1/2 + 2/3 + 0) / 3 x 100 = 38.888...  (the old union > 0 rule gave 29.17)
   res = acc.result(class_names=["a", "b", "c", "d"])
-  assert res["miou"] == pytest.approx((0.5 + 2 / 3) / 4 * 100)
+  assert res["miou"] == pytest.approx((0.5 + 2 / 3) / 3 * 100)
+  assert res["macc"] == pytest.approx((0.5 + 1 + 0) / 3 * 100)
+  # fwIoU: truth frequencies 2/5, 2/5, 1/5.
+  assert res["fwiou"] == pytest.approx((0.4 * 0.5 + 0.4 * 2 / 3) * 100)
   assert res["per_class_iou"]["b"] == pytest.approx(200 / 3)
-  assert res["n_classes_present"] == 4
+  assert np.isnan(res["per_class_iou"]["d"]) and res["predicted_not_present"] == ["d"]
+  assert res["n_classes_present"] == 3 and res["n_pixels"] == 5
   assert res["pixel_acc"] == pytest.approx(3 / 5 * 100)
-  # A class absent from truth and prediction is left out of the mean.
+  # A class absent from truth and prediction is left out of the mean too.
   acc5 = metrics.DenseAccumulator(5)
   acc5.update(pred, truth)
   r5 = acc5.result()
   assert r5["miou"] == pytest.approx(res["miou"]) and np.isnan(r5["per_class_iou"][4])
+  # 16-bit label maps: 65535 ignored.
+  acc16 = metrics.DenseAccumulator(4, ignore=65535)
+  acc16.update(pred.astype(np.uint16), np.where(truth == I, 65535, truth).astype(np.uint16))
+  np.testing.assert_array_equal(acc16.matrix, want)
+  np.testing.assert_array_equal(np.asarray(metrics.confusion_matrix(
+      jnp.asarray(pred), jnp.asarray(np.where(truth == I, 65535, truth)), 4, ignore=65535)),
+      want)
+  # No counted pixel at all: zeros, not NaN.
+  empty = metrics.DenseAccumulator(3).result()
+  assert empty["miou"] == 0.0 and empty["pixel_acc"] == 0.0 and empty["n_classes_present"] == 0
   # Device confusion matrix equals the host one; merge adds.
   cm = metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(truth), 4)
   np.testing.assert_array_equal(np.asarray(cm), acc.matrix)
