@@ -33,7 +33,7 @@ COCO format at 64 x 64, fold 0. No pretrained VAE or UNet exists offline, so
     (the UNet's MSE is then the pixel MSE; decode is the exact inverse);
   * a small UNet (SD layout, 3 levels, channels 32/64/128, self- and cross-attention at the
     two finer levels, same K/V bank; 3.19M parameters) is trained from scratch: batch 16,
-    400 steps of Adam at 1e-3, 50 warm-up steps, cosine decay, gradient clipping 1.0;
+    400 steps of Adam at 1e-3, 50 warm-up steps (scaled with `steps`), cosine decay, gradient clipping 1.0;
   * everything else is the published method (support conv, bank, timestep 1, target, 0.25 x
     max rule, evaluation protocol).
 
@@ -49,7 +49,12 @@ N: draw K from 1..N per step), root, sd_path, steps, batch (global), grad_accum,
 (bfloat16 | float32), remat, eval_resolution (resized | original), demo.
 """
 
-from fssjax.configlib import base_config, parse_arg
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from fssjax.configlib import parse_arg  # noqa: E402
 
 DEFAULTS = dict(
     fold=0,
@@ -76,24 +81,14 @@ DEMO_UNET = dict(
     use_linear_projection=True)
 
 
-def get_config(arg=None):
-  a = parse_arg(arg, DEFAULTS)
-  c = base_config()
-  c.method = "diffews"
-  c.seed = 0
-
-  c.data.dataset = "coco20i"
-  c.data.root = a["root"]
-  c.data.fold = a["fold"]
-  c.data.shot = a["shot"]
+def recipe(a, benchmark: str):
+  """The published DiffewS recipe on `benchmark` (a key of `common.BENCHMARKS`) from the
+  parsed arguments `a` (this file's DEFAULTS; `demo` optional)."""
+  c = common.base("diffews")
+  common.benchmark(c, benchmark, root=a["root"], fold=a["fold"], shot=a["shot"],
+                   image_size=512, eval_resolution=a["eval_resolution"])
   c.data.train_shot_max = a["train_shot_max"]
-  c.data.image_size = 512
-  c.data.resize = "square"
-  c.data.augment = False
   c.data.train_image_interpolation = "nearest"
-  c.data.test_episodes = 1000
-  c.data.eval_resolution = a["eval_resolution"]
-  c.data.workers = 8
 
   c.train.batch_size = a["batch"] or 32
   c.train.grad_accum = a["grad_accum"] or 4
@@ -123,28 +118,19 @@ def get_config(arg=None):
   c.model.remat = a["remat"]
   c.model.allow_pickle_weights = False
 
-  if a["demo"]:
-    c.data.dataset = "synthetic"
-    c.data.root = "" if a["root"] == DEFAULTS["root"] else a["root"]
-    c.data.image_size = 64
+  if a.get("demo"):
+    common.demo(c, root="" if a["root"] == DEFAULTS["root"] else a["root"], image_size=64,
+                steps=a["steps"] or 400, default_steps=400, batch=a["batch"] or 16, lr=1e-3,
+                warmup=50, log_every=50, checkpoint_every=200)
     c.data.train_image_interpolation = "bilinear"
-    c.data.test_episodes = 300
-    c.data.workers = 0
-    c.train.batch_size = a["batch"] or 16
     c.train.grad_accum = a["grad_accum"] or 1
-    c.train.num_steps = a["steps"] or 400
-    c.train.log_every = 50
-    c.train.eval_every = 0  # evaluate once, at the end
-    c.train.checkpoint_every = 200
     c.train.precision = "float32" if a["precision"] == DEFAULTS["precision"] else a["precision"]
-    c.optimizer.name = "adam"
-    c.optimizer.lr = 1e-3
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 50
-    c.optimizer.weight_decay = 0.0
     c.optimizer.grad_clip = 1.0
-    c.eval.batch_size = 16
     c.model.sd_path = "" if a["sd_path"] == DEFAULTS["sd_path"] else a["sd_path"]
     c.model.autoencoder = "space_to_depth" if not c.model.sd_path else "kl"
     c.model.unet = dict(DEMO_UNET)
   return c
+
+
+def get_config(arg=None):
+  return recipe(parse_arg(arg, DEFAULTS), "coco20i")

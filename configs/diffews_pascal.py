@@ -21,20 +21,12 @@ Arguments (`get_config("key=value,...")`): fold, shot, train_shot_max, root, sd_
 batch, grad_accum, precision (bfloat16 | float32), remat, eval_resolution (resized | original).
 """
 
-import importlib.util
 import os
+import sys
 
-from fssjax.configlib import parse_arg
-
-
-def _coco_recipe():
-  """configs/diffews_coco.py, loaded by path (config files are not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "diffews_coco.py")
-  spec = importlib.util.spec_from_file_location("diffews_coco_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs.diffews_coco import recipe  # noqa: E402  pylint: disable=g-import-not-at-top
+from fssjax.configlib import parse_arg  # noqa: E402
 
 DEFAULTS = dict(
     fold=0,
@@ -52,8 +44,4 @@ DEFAULTS = dict(
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, DEFAULTS)
-  coco = _coco_recipe()
-  c = coco.get_config(",".join(f"{k}={v}" for k, v in a.items()))
-  c.data.dataset = "pascal5i"
-  return c
+  return recipe(parse_arg(arg, DEFAULTS), "pascal5i")

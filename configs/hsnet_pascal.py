@@ -24,7 +24,12 @@ resnet_tiny), weights, allow_pickle, root, steps, batch, precision (float32 | bf
 eval_resolution (resized | original).
 """
 
-from fssjax.configlib import base_config, parse_arg
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from fssjax.configlib import parse_arg  # noqa: E402
 
 DEFAULTS = dict(
     fold=0,
@@ -42,39 +47,17 @@ DEFAULTS = dict(
 
 def get_config(arg=None):
   a = parse_arg(arg, DEFAULTS)
-  c = base_config()
-  c.method = "hsnet"
-  c.seed = 0
-
-  c.data.dataset = "pascal5i"
-  c.data.root = a["root"]
-  c.data.fold = a["fold"]
-  c.data.shot = a["shot"]
-  c.data.image_size = 400
-  c.data.resize = "square"
-  c.data.augment = False
-  c.data.test_episodes = 1000
-  c.data.eval_resolution = a["eval_resolution"]
-  c.data.workers = 8
-
+  c = common.base("hsnet")
+  common.benchmark(c, "pascal5i", root=a["root"], fold=a["fold"], shot=a["shot"], image_size=400,
+                   eval_resolution=a["eval_resolution"])
   c.train.batch_size = a["batch"]
   c.train.num_steps = a["steps"]
   c.train.log_every = 100
   c.train.eval_every = 2_500
   c.train.checkpoint_every = 2_500
   c.train.precision = a["precision"]
-
   c.optimizer.name = "adam"
   c.optimizer.lr = 1e-3
   c.optimizer.schedule = "constant"
-
   c.eval.batch_size = 8
-
-  c.model.backbone = a["backbone"]
-  c.model.backbone_weights = a["weights"]
-  c.model.allow_pickle_weights = a["allow_pickle"]
-  c.model.backbone_trainable = False
-  c.model.learner_channels = (16, 64, 128)
-  c.model.loss_boundary = "background"  # published: the 255 boundary is background in the loss
-  c.model.train_support = "first"
-  return c
+  return common.hsnet_model(c, a)

@@ -8,7 +8,13 @@ Unknown keys are an error naming the key and the known ones.
 from __future__ import annotations
 
 import ast
+import difflib
 from typing import Any, Mapping
+
+
+def _config_error(message: str) -> Exception:
+  from fssjax.methods.base import ConfigError  # pylint: disable=g-import-not-at-top
+  return ConfigError(message)
 
 
 def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -18,7 +24,8 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
   converted to the type of the default when the default is not None.
 
   Raises:
-    ValueError: on an unknown key or a value that does not convert.
+    ConfigError (a ValueError): on an unknown key (naming the nearest known ones) or a value
+      that does not convert.
   """
   out = dict(defaults)
   if not arg:
@@ -33,8 +40,11 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
     else:
       key, raw = part, "True"
     if key not in defaults:
-      raise ValueError(
-          f"Unknown config argument {key!r} in {arg!r}; known arguments: {sorted(defaults)}")
+      near = difflib.get_close_matches(key, sorted(defaults), n=3, cutoff=0.5)
+      raise _config_error(
+          f"Unknown config argument {key!r} in {arg!r}"
+          f"{' (did you mean ' + ' or '.join(near) + '?)' if near else ''}; known arguments: "
+          f"{sorted(defaults)}")
     out[key] = _convert(key, raw, defaults[key])
   return out
 
@@ -51,7 +61,7 @@ def _convert(key: str, raw: str, default: Any) -> Any:
       return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
       return value.lower() == "true"
-    raise ValueError(f"Config argument {key}={raw!r}: expected a bool")
+    raise _config_error(f"Config argument {key}={raw!r}: expected a bool")
   if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, int):
     return value
   if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -60,7 +70,7 @@ def _convert(key: str, raw: str, default: Any) -> Any:
     return str(value) if not isinstance(value, str) else value
   if isinstance(value, type(default)):
     return value
-  raise ValueError(
+  raise _config_error(
       f"Config argument {key}={raw!r}: expected a {type(default).__name__} like {default!r}")
 
 
@@ -88,6 +98,9 @@ def base_config():
       accumulation, compute precision.
     optimizer.*: name (adam | adamw | sgd), lr, schedule (constant | linear | cosine),
       warm-up, weight decay, gradient clipping.
+    evals: named evaluators (`fssjax.evaluators`; empty: the episodic one of `eval`).
+    model.trainable: regular expressions over the variable paths that are trained (None: the
+      method's published choice, `Method.TRAINABLE`); the method's other keys go in `model`.
   """
   import ml_collections
 
@@ -135,5 +148,34 @@ def base_config():
       batch_size=8,
       num_summary_images=4,
   ))
+  c.evals = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict()
+  c.model.trainable = ml_collections.config_dict.placeholder(tuple)
   return c
+
+
+def flat_keys(config) -> list[str]:
+  """Every dotted key of a ConfigDict ('train.batch_size', ...)."""
+  out = []
+  for k, v in config.items():
+    subs = flat_keys(v) if hasattr(v, "items") and not isinstance(v, dict) else []
+    if subs:
+      out += [f"{k}.{sub}" for sub in subs]
+    else:
+      out.append(str(k))
+  return out
+
+
+def unknown_key_message(key: str, config) -> str | None:
+  """None when `key` (dotted) exists in `config`, else one paragraph naming the full path and
+  the nearest valid keys (difflib)."""
+  keys = flat_keys(config)
+  if key in keys or any(k.startswith(key + ".") for k in keys):
+    return None
+  leaf = key.rsplit(".", 1)[-1]
+  near = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]  # the same name elsewhere first
+  near += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.4) if k not in near]
+  return (f"Unknown config key --config.{key}: this config has no key '{key}'."
+          + (f" Nearest valid keys: {', '.join('--config.' + n for n in near[:4])}."
+             if near else "")
+          + " See every key with --print_config.")

@@ -189,13 +189,3 @@ def global_batch(local: Mapping[str, Any], mesh: jax.sharding.Mesh) -> dict[str,
     global_shape = (value.shape[0] * jax.process_count(),) + tuple(value.shape[1:])
     out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), global_shape)
   return out
-
-
-def local_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh) -> int:
-  """This process's share of the global batch; checks divisibility by the batch shards."""
-  shards = batch_shards(mesh)
-  if global_batch_size % shards:
-    raise ValueError(
-        f"Global batch size {global_batch_size} must be divisible by the {shards} batch shards "
-        f"of the mesh {dict(mesh.shape)}")
-  return global_batch_size // jax.process_count()

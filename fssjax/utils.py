@@ -1,8 +1,7 @@
-"""Small shared utilities: atomic file writes, stable hashing."""
+"""Small shared utilities: atomic file writes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -28,11 +27,3 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def atomic_write_json(path: str, obj: Any, **kwargs) -> None:
   atomic_write_bytes(path, json.dumps(obj, **kwargs).encode("utf-8"))
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk):
-      h.update(block)
-  return h.hexdigest()

@@ -147,4 +147,26 @@ def test_diffews_demo_recipe_trains_and_evaluates_end_to_end(tmp_path, monkeypat
   acc.Reload()
   tags = acc.Tags()["tensors"]
   assert "train/latent_mse" in tags and "eval/miou" in tags
-  assert "eval/query_truth_prediction_support" in tags
+  assert "eval/episodes" in tags
+
+
+@pytest.mark.parametrize("name,arg,bad,near", [
+    ("hsnet_coco", "", "backbone_weight", "backbone_weights"),
+    ("diffews_coco", "", "mask_treshold", "mask_threshold"),
+])
+def test_every_method_rejects_an_unknown_model_key(name, arg, bad, near):
+  c = _module(name).get_config(arg)
+  with c.unlocked():
+    c.model[bad] = 1
+  with pytest.raises(ValueError, match=rf"config.model.{bad}: unknown key.*model.{near}"):
+    train.check_config(c)
+
+
+def test_configs_compose_common_blocks_instead_of_loading_each_other():
+  text = (REPO / "configs" / "diffews_pascal.py").read_text()
+  assert "spec_from_file_location" not in text and "from configs" in text
+  pascal = _module("diffews_pascal").get_config("fold=2")
+  coco = _module("diffews_coco").get_config("fold=2")
+  assert pascal.data.dataset == "pascal5i" and coco.data.dataset == "coco20i"
+  assert pascal.model.to_dict() == coco.model.to_dict()
+  assert pascal.optimizer.to_dict() == coco.optimizer.to_dict()

@@ -11,6 +11,7 @@ import pytest
 
 from fssjax import configlib
 from fssjax.methods import diffews
+from fssjax.methods.base import partition
 
 TINY_UNET = dict(
     block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=2,
@@ -46,8 +47,9 @@ def make_batch(b=2, k=2, hw=16, seed=0):
 
 
 def _init(method, batch):
-  """method.init under jit (as the trainer runs it): eager init dispatches op by op."""
-  return jax.jit(method.init)(jax.random.key(0), batch)
+  """(params, frozen): method.init under jit (as the trainer runs it), split by the method's
+  trainable patterns."""
+  return partition(jax.jit(method.init)(jax.random.key(0), batch), method.trainable_patterns())
 
 
 @functools.cache
@@ -59,7 +61,8 @@ def _default():
 
 def test_support_conv_is_repeated_and_halved():
   method, params, frozen = _default()
-  assert set(params) == {"unet", "conv_in_support"} and set(frozen) == {"vae", "context"}
+  # space_to_depth has no VAE parameters: frozen holds only the prompt embedding.
+  assert set(params) == {"unet", "conv_in_support"} and set(frozen) == {"context"}
   x = jax.random.normal(jax.random.key(1), (1, 8, 8, 12))
   # With identical image and mask latents, the support conv equals the UNet's own conv_in.
   support = method._support_features(params, jnp.concatenate([x, x], axis=-1))
@@ -70,20 +73,35 @@ def test_support_conv_is_repeated_and_halved():
 
 
 def test_target_sign_and_threshold_rule():
-  """decode(-v) of v = -(mask latent) gives back the mask; the 0.25 x max rule recovers it."""
+  """decode(-v) of v = -(mask latent) gives back the mask; the published rule recovers it."""
   method, _, frozen = _default()
   mask = make_batch()["query_mask"]
   v = -method._encode(frozen, diffews.mask_to_rgb(jnp.asarray(mask)))
-  value = method.decode_mask(frozen, v)
-  np.testing.assert_allclose(value, mask.astype(np.float32), atol=1e-6)
-  np.testing.assert_array_equal(np.asarray(method.scores_from_value(value) > 0), mask == 1)
-  # Relative threshold: 0.25 x the image's own maximum.
-  value = jnp.asarray([[[0.1, 0.2], [0.3, 0.8]]])
-  np.testing.assert_array_equal(np.asarray(method.scores_from_value(value) > 0),
-                                [[[False, False], [True, True]]])
-  absolute = diffews.DiffewS(make_config(mask_threshold_kind="absolute", mask_threshold=0.5))
-  np.testing.assert_array_equal(np.asarray(absolute.scores_from_value(value) > 0),
-                                [[[False, False], [False, True]]])
+  rgb = method.decode_mask(frozen, v)
+  np.testing.assert_allclose(rgb, np.repeat(mask[..., None], 3, -1).astype(np.float32),
+                             atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(method.scores_from_rgb(rgb) > 0), mask == 1)
+
+
+def test_published_threshold_uses_the_largest_single_rgb_value():
+  """aim-uofa/DiffewS evaluation: mean over RGB > 0.25 x the image's largest RGB value.
+  Pixels (1, 0, 0), (.3, .3, .3), (.2, .2, .2): cut 0.25, the first two are foreground (the
+  largest channel mean, 1/3, would give a cut of 0.083 and mark all three)."""
+  method, _, _ = _default()
+  rgb = jnp.asarray([[[[1.0, 0.0, 0.0], [0.3, 0.3, 0.3], [0.2, 0.2, 0.2]]]])
+  np.testing.assert_array_equal(np.asarray(method.scores_from_rgb(rgb) > 0),
+                                [[[True, True, False]]])
+  absolute = diffews.DiffewS(make_config(mask_threshold_kind="absolute", mask_threshold=0.3))
+  np.testing.assert_array_equal(np.asarray(absolute.scores_from_rgb(rgb) > 0),
+                                [[[True, False, False]]])
+  # Decoded values reach the rule as the published 8-bit image: 0.3 -> floor(0.65 * 255) / 255.
+  assert method.interpolation == "nearest"
+
+
+def test_unknown_model_key_is_rejected():
+  with pytest.raises(ValueError, match=r"config.model.mask_treshold.*did you mean "
+                     r"model.mask_threshold"):
+    diffews.DiffewS(make_config(mask_treshold=0.3))
 
 
 def test_support_bank_changes_prediction_and_loss_learns():

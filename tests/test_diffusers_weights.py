@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 from fssjax.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from fssjax.nn.unet import UNet2DConditionModel, UNetConfig
 from fssjax.nn.vae import AutoencoderKL, VAEConfig
+from fssjax.methods.base import initialize
 from fssjax.weights import diffusers as W
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "diffusers")
@@ -150,12 +151,23 @@ def test_diffews_layout_pipeline_brings_its_support_conv(tmp_path):
   batch = dict(query_image=np.zeros((1, 16, 16, 3), np.float32),
                support_images=np.zeros((1, 1, 16, 16, 3), np.float32),
                support_masks=np.zeros((1, 1, 16, 16), np.uint8))
-  params, _ = method.init(jax.random.key(0), batch)
+  params, _ = initialize(method, jax.random.key(0), batch)
   np.testing.assert_array_equal(params["conv_in_support"]["kernel"],
                                 weight.transpose(2, 3, 1, 0))
-  # Field without tensors is an error naming both.
+  # The published starting checkpoint has the tensors but no in_channels_ref field: the
+  # channels (8) come from conv_in_ref.weight's shape.
+  del cfg["in_channels_ref"]
+  (unet_dir / "config.json").write_text(json.dumps(cfg))
+  _, _, support = W.load_unet(str(unet_dir), return_support_conv=True)
+  assert support["kernel"].shape == (3, 3, 8, c0)
+  params, _ = initialize(diffews.DiffewS(c), jax.random.key(0), batch)
+  np.testing.assert_array_equal(params["conv_in_support"]["kernel"],
+                                weight.transpose(2, 3, 1, 0))
+  # A field without tensors is an error naming both.
+  cfg["in_channels_ref"] = 8
+  (unet_dir / "config.json").write_text(json.dumps(cfg))
   save_file(sd, str(unet_dir / "diffusion_pytorch_model.safetensors"))
-  with pytest.raises(ValueError, match="in_channels_ref present but conv_in_ref"):
+  with pytest.raises(ValueError, match="in_channels_ref=8 but no conv_in_ref"):
     W.load_pipeline(str(root))
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from fssjax.configlib import base_config
 from fssjax.methods import get_method
+from fssjax.methods.base import initialize
 from fssjax.nn import correlation
 from fssjax.nn.hsnet import HPNLearner, mask_features
 from fssjax.nn.resnet import resnet50, resnet101
@@ -225,8 +226,10 @@ def test_backbone_taps_at_400():
 def _config(**model):
   c = base_config()
   c.method = "hsnet"
-  c.model = ml_collections.ConfigDict({**dict(backbone="resnet_tiny", backbone_trainable=True),
-                                      **model})
+  trainable = model.pop("backbone_trainable", True)
+  c.model = ml_collections.ConfigDict({**dict(backbone="resnet_tiny"), **model})
+  if trainable:
+    c.model.trainable = ("params/learner/.*", "params/backbone/.*")
   return c
 
 
@@ -255,8 +258,8 @@ def test_method_predict_shapes_and_vote():
   assert (method.kshot, method.threshold, method.normalization, method.align_corners) == (
       "vote", 0.0, "imagenet", True)
   batch = _batch(0, b=2, k=3)
-  params, frozen = method.init(jax.random.key(0), batch)
-  assert set(params) == {"learner", "backbone"} and frozen == {}  # GroupNorm tiny backbone
+  params, frozen = initialize(method, jax.random.key(0), batch)
+  assert set(params["params"]) == {"learner", "backbone"} and frozen == {}  # GroupNorm backbone
   assert all(a.dtype == np.float32 for a in jax.tree.leaves(params))
 
   predict = jax.jit(method.predict)
@@ -296,8 +299,9 @@ def test_method_loss_and_overfit():
   """
   method = get_method(_config(learner_channels=(8, 16, 32), backbone_trainable=False))
   batch = _batch(3, b=2, k=1)
-  params, frozen = method.init(jax.random.key(0), batch)
-  assert set(params) == {"learner"} and set(frozen) == {"params"}
+  params, frozen = initialize(method, jax.random.key(0), batch)
+  assert set(params) == {"params"} and set(params["params"]) == {"learner"}
+  assert set(frozen) == {"params"} and set(frozen["params"]) == {"backbone"}
   assert set(frozen["params"]) == {"backbone"}
   scores = np.asarray(jax.jit(method.predict)(params, frozen, batch), np.float64)
   opt = optax.adam(1e-3)
@@ -344,7 +348,8 @@ def test_masked_support_features_have_finite_zero_gradients():
 
 
 def test_method_config_errors():
-  with pytest.raises(ValueError, match="Unknown config.model key"):
+  with pytest.raises(ValueError, match=r"config.model.backbone_weight: unknown key.*"
+                     r"did you mean model.backbone_weights"):
     get_method(_config(backbone_weight="x"))
   with pytest.raises(ValueError, match="loss_boundary"):
     get_method(_config(loss_boundary="drop"))
@@ -372,9 +377,10 @@ def test_configs_load_and_build_the_method(name, arg):
   assert method.model.backbone_name == c.model.backbone
   if arg == "demo":
     assert c.data.dataset == "synthetic" and c.model.backbone == "resnet_tiny"
-    assert c.model.backbone_trainable and c.data.test_episodes == 300
+    assert "params/backbone/.*" in c.model.trainable and c.data.test_episodes == 300
   else:
-    assert c.data.image_size == 400 and not c.data.augment and not c.model.backbone_trainable
+    assert c.data.image_size == 400 and not c.data.augment and c.model.trainable is None
+    assert method.trainable_patterns() == ["params/learner/.*"]
     assert c.model.loss_boundary == "background"
   with pytest.raises(ValueError, match="Unknown config argument"):
     module.get_config("folds=1")

@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from fssjax.configlib import base_config
 from fssjax.methods import get_method
+from fssjax.methods.base import initialize
 from fssjax.nn.resnet import ResNet, resnet50
 from fssjax.nn.vgg import VGG16_CFG, vgg16
 from fssjax.weights import torchvision as tvw
@@ -163,8 +164,8 @@ def test_method_init_loads_frozen_backbone(resnet50_file):
   method = get_method(c)
   batch = {"query_image": jnp.zeros((2, 32, 32, 3)), "support_images": jnp.zeros((2, 1, 32, 32, 3)),
            "support_masks": jnp.zeros((2, 1, 32, 32), jnp.uint8)}
-  params, frozen = method.init(jax.random.key(0), batch)
-  assert set(params) == {"learner"}
+  params, frozen = initialize(method, jax.random.key(0), batch)
+  assert set(params) == {"params"} and set(params["params"]) == {"learner"}
   np.testing.assert_array_equal(frozen["params"]["backbone"]["layer1_0"]["conv2"]["kernel"],
                                 sd["layer1.0.conv2.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(frozen["batch_stats"]["backbone"]["bn1"]["mean"],

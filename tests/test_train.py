@@ -39,6 +39,7 @@ import pytest
 
 from fssjax import checkpointing
 from fssjax import configlib
+from fssjax import optim
 from fssjax import sharding as shd
 from fssjax import train
 from fssjax.methods.base import Method
@@ -74,8 +75,8 @@ def test_optimizer_matches_optax_with_the_lr_inside(name, schedule, wd, clip, re
   config = _opt_config(**{"optimizer.name": name, "optimizer.schedule": schedule,
                           "optimizer.weight_decay": wd, "optimizer.grad_clip": clip,
                           "optimizer.lr": 0.05, "optimizer.warmup_steps": 3})
-  opt = train.make_optimizer(config)
-  full = train.make_schedule(config.optimizer, 20)
+  opt = optim.make_optimizer(config)
+  full = optim.make_schedule(config.optimizer, 20)
   ref = reference(full)
   params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones((3,))}
   p_ours, s_ours = params, opt.tx.init(params)
@@ -93,26 +94,28 @@ def test_optimizer_matches_optax_with_the_lr_inside(name, schedule, wd, clip, re
 
 def test_schedules():
   opt = ml_collections.ConfigDict(dict(lr=1.0, schedule="cosine", warmup_steps=4))
-  s = train.make_schedule(opt, 14)
+  s = optim.make_schedule(opt, 14)
   np.testing.assert_allclose([float(s(i)) for i in (0, 2, 4, 9, 14)],
                              [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
   opt.schedule = "linear"
-  s = train.make_schedule(opt, 14)
+  s = optim.make_schedule(opt, 14)
   np.testing.assert_allclose([float(s(i)) for i in (4, 9, 14)], [1.0, 0.5, 0.0], atol=1e-6)
   opt.schedule, opt.warmup_steps = "constant", 0
-  assert float(train.make_schedule(opt, 14)(13)) == 1.0
+  assert float(optim.make_schedule(opt, 14)(13)) == 1.0
   opt.schedule = "step"
   with pytest.raises(ValueError, match="optimizer.schedule='step'"):
-    train.make_schedule(opt, 14)
+    optim.make_schedule(opt, 14)
   with pytest.raises(ValueError, match="optimizer.name='lamb'"):
-    train.make_optimizer(_opt_config(**{"optimizer.name": "lamb"}))
+    optim.make_optimizer(_opt_config(**{"optimizer.name": "lamb"}))
 
 
 class _Linear(Method):
   """A user-defined method: per-pixel linear regression of the mask from the query image."""
 
+  TRAINABLE = ("w", "b")
+
   def init(self, rng, batch):
-    return {"w": jax.random.normal(rng, (3,)) * 0.1, "b": jnp.zeros(())}, {"scale": jnp.ones(())}
+    return {"w": jax.random.normal(rng, (3,)) * 0.1, "b": jnp.zeros(()), "scale": jnp.ones(())}
 
   def loss(self, params, frozen, batch, rng):
     pred = batch["query_image"] @ params["w"] * frozen["scale"] + params["b"]
@@ -164,6 +167,13 @@ def test_check_config_errors():
   c.train.precision, c.train.log_every = "bfloat16", 0
   with pytest.raises(ValueError, match="train.log_every=0"):
     train.check_config(c, mesh)
+  c.train.log_every, c.optimizer.lr = 1, -1e-3
+  with pytest.raises(ValueError, match="optimizer.lr=-0.001 must be a finite number > 0"):
+    train.check_config(c, mesh)
+  c.optimizer.lr, c.optimizer.warmup_steps, c.train.num_steps = 1e-3, 50, 20
+  c.optimizer.schedule = "cosine"
+  with pytest.raises(ValueError, match="warmup_steps=50 must be >= 0 and < train.num_steps=20"):
+    train.check_config(c, mesh)
 
 
 def test_flatten_config():
@@ -180,6 +190,7 @@ def test_flatten_config():
 _CONFIG_FILE = '''
 """Tiny HSNet for tests: resnet_tiny (frozen, random), 32 px, global batch 8."""
 from fssjax import configlib
+from fssjax import optim
 
 
 def get_config(arg=None):
@@ -244,6 +255,8 @@ def _driver_single(cfg_path: str, root: str, out: str) -> None:
   config.train.checkpoint_every = 1
   config.train.log_every = 100
   config.optimizer.lr = float("inf")
+  # The config check refuses lr=inf; bypass it to force a non-finite update at step 7.
+  train.check_config = lambda *args, **kwargs: None
   try:
     train.train_and_evaluate(config, os.path.join(out, "C"))
     record["nan_error"] = None
@@ -345,8 +358,19 @@ def runs(tmp_path_factory):
       [sys.executable, "-m", "fssjax.main", f"--config={cfg_path}",
        f"--config.data.root={root}", "--workdir", os.path.join(out, "A"), "--mode=eval"],
       env=_env(tmp), **popen)
+  cli = [sys.executable, "-m", "fssjax.main", f"--config={cfg_path}",
+         f"--config.data.root={root}", "--workdir", os.path.join(out, "A")]
+  s6 = subprocess.Popen(cli, env=_env(tmp), **popen)  # A is finished: nothing to do
+  s7 = subprocess.Popen(cli + ["--config.data.fold=1", "--config.train.num_steps=9"],
+                        env=_env(tmp), **popen)  # resume on another fold: refused
+  s8 = subprocess.Popen(cli + ["--config.data.fold=1", "--mode=eval", "--allow_config_change",
+                               "--outdir", os.path.join(out, "A_fold1")],
+                        env=_env(tmp), **popen)  # allowed, warned, results elsewhere
   s2_log = _finish(s2, "S2 (CLI resume)")
   s5_log = _finish(s5, "S5 (CLI eval)")
+  s6_log = _finish(s6, "S6 (re-run of a finished run)")
+  s7_out, _ = s7.communicate(timeout=600)
+  s8_log = _finish(s8, "S8 (eval on another fold)")
   s4_log = _finish(s4, "S4 (8-device run)")
   print(f"e2e fixture: S1 {t1 - t0:.0f}s, total {time.time() - t0:.0f}s")
   with open(os.path.join(out, "single.json")) as f:
@@ -354,7 +378,8 @@ def runs(tmp_path_factory):
   with open(os.path.join(out, "eight.json")) as f:
     eight = json.load(f)
   return dict(out=out, root=root, single=single, eight=eight, s1_log=s1_log, s2_log=s2_log,
-              s3=s3, s3b=s3b, s4_log=s4_log, s5_log=s5_log)
+              s3=s3, s3b=s3b, s4_log=s4_log, s5_log=s5_log, s6_log=s6_log,
+              s7=(s7.returncode, s7_out), s8_log=s8_log)
 
 
 def _npz(path: str) -> dict[str, np.ndarray]:
@@ -452,9 +477,9 @@ def test_workdir_has_events_checkpoints_and_results(runs):
   a = os.path.join(runs["out"], "A")
   assert glob.glob(os.path.join(a, "events.out.tfevents.*"))
   tags = _event_tags(a)
-  for tag in ("train/loss", "train/lr", "train/grad_norm", "train/steps_per_sec",
+  for tag in ("train/loss", "train/lr", "train/grad_norm", "steps_per_sec",
               "eval/miou", "eval/fbiou", "eval/baseline_miou",
-              "eval/query_truth_prediction_support"):
+              "eval/episodes"):
     assert tag in tags, sorted(tags)
   assert any(t.startswith("eval/per_class_iou/") for t in tags)
   assert "_hparams_/session_start_info" in tags
@@ -493,7 +518,40 @@ def test_cli_eval_mode_restores_the_best_checkpoint(runs):
       final = json.load(f)["results"]
     assert evaluated["results"]["fbiou"] == pytest.approx(final["fbiou"], abs=1e-6)
   assert "Checkpoint step" in runs["s5_log"] and "FB-IoU" in runs["s5_log"]
-  assert os.path.exists(os.path.join(a, "eval_config.json"))
+  # The evaluated config travels in the results file (fssjax.results), not beside it.
+  (record,) = [json.load(open(p)) for p in glob.glob(os.path.join(a, "results", "eval_*.json"))]
+  assert record["mode"] == "eval" and record["config"]
+
+
+def test_rerunning_a_finished_run_says_so_and_exits_zero(runs):
+  log = runs["s6_log"]
+  assert "is complete (6 steps); nothing to do" in log, log[-3000:]
+  assert "StopIteration" not in log and "Traceback" not in log
+
+
+def test_resuming_with_another_fold_is_refused_naming_the_key(runs):
+  rc, log = runs["s7"]
+  assert rc == 1, log[-3000:]
+  assert "data.fold: 0 -> 1" in log and "--allow_config_change" in log
+  assert "Traceback" not in log
+  with checkpointing.Checkpointer(os.path.join(runs["out"], "A", "checkpoints"),
+                                  read_only=True) as c:
+    assert c.all_steps() == [3, 6]  # nothing was trained or written
+  with open(os.path.join(runs["out"], "A", "config.json")) as f:
+    assert json.load(f)["data"]["fold"] == 0  # the stored config was not overwritten
+
+
+def test_eval_on_a_fold_the_checkpoint_trained_on_warns_and_records_it(runs):
+  log = runs["s8_log"]
+  assert "not few-shot results" in log, log[-3000:]
+  outdir = os.path.join(runs["out"], "A_fold1")
+  with open(os.path.join(outdir, "eval_results.json")) as f:
+    evaluated = json.load(f)
+  assert evaluated["warnings"] and "training classes include" in evaluated["warnings"][0]
+  files = glob.glob(os.path.join(outdir, "results", "eval_fold1_*.json"))
+  assert files, os.listdir(outdir)
+  with open(files[0]) as f:
+    assert any("not few-shot results" in w for w in json.load(f)["warnings"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import importlib
 
 import ml_collections
 
-from fssjax.methods.base import Method
+from fssjax.methods.base import ConfigError, Method
 
 # config.method -> module under fssjax.methods (imported lazily so that a method's heavy
 # dependencies are only loaded when it is used).
@@ -23,7 +23,7 @@ REGISTRY = {
 def get_method_class(config: ml_collections.ConfigDict) -> type[Method]:
   name = config.method
   if name not in REGISTRY:
-    raise ValueError(f"Unknown method {name!r} in config.method; known: {sorted(REGISTRY)}")
+    raise ConfigError(f"config.method = {name!r}: unknown method; known: {sorted(REGISTRY)}")
   return importlib.import_module(REGISTRY[name]).METHOD
 
 

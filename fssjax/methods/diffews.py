@@ -14,14 +14,14 @@ Published recipe (aim-uofa/DiffewS; DESIGN section 5):
   * One step, timestep 1, empty text prompt. The scheduler is DDIM with v-prediction and
     beta = 1 (alpha_bar = 0), so the predicted clean latent is x0 = -v: the training target of
     the UNet output is the *negated* query-mask latent, with a latent MSE loss.
-  * Prediction: decode x0 = -v, clip to [-1, 1], map to [0, 1], mean over RGB; foreground where
-    the value exceeds 0.25 x the image's maximum.
+  * Prediction: decode x0 = -v, clip to [-1, 1], map to 8-bit [0, 1]; foreground where the
+    mean over RGB exceeds 0.25 x the largest single RGB value of the image; predictions are
+    resized to the scored size with nearest neighbours.
   * The UNet is fully fine-tuned; VAE and text encoder are frozen (here: the VAE parameters and
     the precomputed empty-prompt embedding live in `frozen`, never in the optimiser state).
 
-Our `predict` returns `value - 0.25 * max(value)` (or `value - t` for the absolute threshold) as
-the score with `threshold = 0`, so the evaluator's single bilinear upsampling acts on a
-continuous map.
+Our `predict` returns `mean_rgb - 0.25 * max(rgb)` (or `mean_rgb - t` for the absolute
+threshold) as the score with `threshold = 0`; the evaluator resizes it with nearest neighbours.
 
 Autoencoders (`config.model.autoencoder`):
   * 'kl': the Stable-Diffusion AutoencoderKL (`fssjax.nn.vae`), loaded from
@@ -33,17 +33,19 @@ Autoencoders (`config.model.autoencoder`):
     channels (latent [H/f, W/f, 3 f^2]). The UNet then works on a latent that carries exactly
     the image information, and its MSE is the pixel MSE. Documented in configs/diffews_coco.py.
 
-Config keys (`config.model`): sd_path, autoencoder, space_to_depth_factor, unet (diffusers UNet
-config dict, used without sd_path; empty = SD 2.1's), vae (diffusers VAE config dict, 'kl'
-without sd_path; empty = SD 2.1's),
+Config keys (`config.model`, defaults in `_DEFAULTS`; any other key is an error): sd_path,
+autoencoder, space_to_depth_factor, unet (diffusers UNet config dict, used without sd_path;
+empty = SD 2.1's), vae (diffusers VAE config dict, 'kl' without sd_path; empty = SD 2.1's),
 timestep, mask_threshold_kind ('relative' | 'absolute'), mask_threshold, remat,
-allow_pickle_weights.
+allow_pickle_weights, dtype, trainable (default: 'unet/.*' and 'conv_in_support/.*', the
+published full fine-tuning; the VAE and the prompt embedding 'context' are frozen).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Mapping
 
 import einops
 import jax
@@ -51,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fssjax.methods.base import Method, PyTree, compute_dtype
+from fssjax.methods.base import ConfigError, Method, PyTree, compute_dtype, replace_leaves
 from fssjax.nn import unet as unet_lib
 from fssjax.nn import vae as vae_lib
 
@@ -85,6 +87,14 @@ def mask_to_rgb(mask: jax.Array) -> jax.Array:
   return jnp.repeat((2.0 * fg - 1.0)[..., None], 3, axis=-1)
 
 
+def _repeat_halve(conv_in: PyTree) -> dict:
+  """DiffewS's support conv from the UNet's conv_in: the kernel [3, 3, C, C0] repeated over
+  (image latent ++ mask latent) -> [3, 3, 2C, C0] and halved; the bias as is."""
+  kernel = conv_in["kernel"]
+  cat = np.concatenate if isinstance(kernel, np.ndarray) else jnp.concatenate
+  return {"kernel": cat([kernel, kernel], axis=2) / 2.0, "bias": conv_in["bias"]}
+
+
 class SpaceToDepthAutoencoder:
   """Parameter-free lossless stand-in for the VAE: f x f pixel patches <-> latent channels."""
 
@@ -106,29 +116,45 @@ class SpaceToDepthAutoencoder:
     return einops.rearrange(z, "b h w (p q c) -> b (h p) (w q) c", p=f, q=f)
 
 
+_DEFAULTS = dict(
+    sd_path="",
+    autoencoder="kl",
+    space_to_depth_factor=4,
+    unet={},
+    vae={},
+    timestep=1,
+    mask_threshold_kind="relative",
+    mask_threshold=0.25,
+    remat=False,
+    allow_pickle_weights=False,
+    dtype="",
+)
+
+
 class DiffewS(Method):
   """DiffewS behind the fssjax Method interface (see the module docstring)."""
 
+  MODEL_DEFAULTS = _DEFAULTS
+  TRAINABLE = ("unet/.*", "conv_in_support/.*")
   kshot = "joint"
   threshold = 0.0
   normalization = "minus_one_one"
   align_corners = False
+  interpolation = "nearest"
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
-    m = config.model
+    m = self.opts
     self.dtype = compute_dtype(config)
-    self.timestep = float(m.get("timestep", 1))
-    self.threshold_kind = m.get("mask_threshold_kind", "relative")
+    self.timestep = float(m["timestep"])
+    self.threshold_kind = m["mask_threshold_kind"]
     if self.threshold_kind not in ("relative", "absolute"):
-      raise ValueError(f"config.model.mask_threshold_kind = {self.threshold_kind!r}; expected "
-                       "'relative' or 'absolute'")
-    self.mask_threshold = float(m.get("mask_threshold", 0.25))
-    self.sd_path = m.get("sd_path", "") or ""
-    self.autoencoder_kind = m.get("autoencoder", "kl")
-    remat = bool(m.get("remat", False))
-    allow_pickle = bool(m.get("allow_pickle_weights", False))
-    self._pretrained = None
+      raise ConfigError(f"config.model.mask_threshold_kind = {self.threshold_kind!r}; "
+                        "expected 'relative' or 'absolute'")
+    self.mask_threshold = float(m["mask_threshold"])
+    self.sd_path = m["sd_path"] or ""
+    self.autoencoder_kind = m["autoencoder"]
+    remat = bool(m["remat"])
     if self.sd_path:
       from fssjax.weights import diffusers as dw  # noqa: PLC0415
       if not os.path.isdir(self.sd_path):
@@ -137,28 +163,25 @@ class DiffewS(Method):
             "Stable Diffusion directory (unet/, vae/, text_encoder/, tokenizer/), for example a "
             "local copy of stabilityai/stable-diffusion-2-1. Without weights run the demo: "
             "python -m fssjax.main --config=configs/diffews_coco.py:demo --workdir=runs/diffews")
-      self._pretrained = dw.load_pipeline(self.sd_path, dtype=self.dtype, remat=remat,
-                                          allow_pickle=allow_pickle)
-      self.unet = self._pretrained.unet
+      # Only the configs are read here; the weights come in `load_pretrained`.
+      unet_cfg = dw.unet_config(self.sd_path)
+      vae_cfg = dw.vae_config(self.sd_path) if self.autoencoder_kind == "kl" else None
     else:
-      unet_cfg = unet_lib.UNetConfig.from_diffusers(dict(m.get("unet") or SD21_UNET))
-      self.unet = unet_lib.UNet2DConditionModel(unet_cfg, dtype=self.dtype, remat=remat)
+      unet_cfg = unet_lib.UNetConfig.from_diffusers(dict(m["unet"] or SD21_UNET))
+      vae_cfg = vae_lib.VAEConfig.from_diffusers(dict(m["vae"] or SD21_VAE))
+    self.unet = unet_lib.UNet2DConditionModel(unet_cfg, dtype=self.dtype, remat=remat)
     if self.autoencoder_kind == "kl":
-      if self._pretrained is not None:
-        self.vae = self._pretrained.vae
-      else:
-        self.vae = vae_lib.AutoencoderKL(
-            vae_lib.VAEConfig.from_diffusers(dict(m.get("vae") or SD21_VAE)), dtype=self.dtype)
+      self.vae = vae_lib.AutoencoderKL(vae_cfg, dtype=self.dtype)
       self.latent_channels = self.vae.config.latent_channels
     elif self.autoencoder_kind == "space_to_depth":
-      self.vae = SpaceToDepthAutoencoder(m.get("space_to_depth_factor", 4))
+      self.vae = SpaceToDepthAutoencoder(m["space_to_depth_factor"])
       self.latent_channels = self.vae.latent_channels
     else:
-      raise ValueError(f"config.model.autoencoder = {self.autoencoder_kind!r}; expected 'kl' "
-                       "or 'space_to_depth'")
+      raise ConfigError(f"config.model.autoencoder = {self.autoencoder_kind!r}; expected 'kl' "
+                        "or 'space_to_depth'")
     ucfg = self.unet.config
     if ucfg.in_channels != self.latent_channels or ucfg.out_channels != self.latent_channels:
-      raise ValueError(
+      raise ConfigError(
           f"UNet in/out channels ({ucfg.in_channels}, {ucfg.out_channels}) do not match the "
           f"autoencoder's latent channels ({self.latent_channels}); set config.model.unet's "
           "in_channels and out_channels")
@@ -201,8 +224,13 @@ class DiffewS(Method):
 
   # -- Parameters -------------------------------------------------------------------------
 
-  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[PyTree, PyTree]:
-    """Returns params = {unet, conv_in_support}, frozen = {vae, context}."""
+  def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> dict:
+    """{unet, conv_in_support, vae, context}: random (Flax initialisers), pure and traceable.
+
+    The support conv is the UNet's conv_in kernel repeated over (image latent ++ mask latent)
+    and halved; the context is the empty prompt's embedding (zeros until `load_pretrained`
+    computes it with the text encoder); 'vae' is empty for the space_to_depth stand-in.
+    """
     h, w = batch["query_image"].shape[1:3]
     if self.autoencoder_kind == "kl":
       f = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -211,44 +239,54 @@ class DiffewS(Method):
     latent = jnp.zeros((1, h // f, w // f, self.latent_channels), jnp.float32)
     cross_dim = self.unet.config.cross_attention_dim[0]
     r_unet, r_vae = jax.random.split(rng)
-    if self._pretrained is not None:
-      unet_params = self._pretrained.unet_params
-      vae_params = self._pretrained.vae_params
-      context = self._empty_prompt_embedding()
-    else:
-      context = jnp.zeros((1, EMPTY_PROMPT_TOKENS, cross_dim), jnp.float32)
-      unet_params = self.unet.init(r_unet, latent, jnp.ones((1,)), context)["params"]
-      vae_params = {}
+    context = jnp.zeros((1, EMPTY_PROMPT_TOKENS, cross_dim), jnp.float32)
+    unet_params = self.unet.init(r_unet, latent, jnp.ones((1,)), context)["params"]
+    vae_params = {}
+    if self.autoencoder_kind == "kl":
+      vae_params = self.vae.init(r_vae, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
+    return {"unet": unet_params, "conv_in_support": _repeat_halve(unet_params["conv_in"]),
+            "vae": vae_params, "context": context}
+
+  def load_pretrained(self, params: PyTree | None, frozen: PyTree) -> tuple[Any, Any]:
+    """Stable Diffusion of `model.sd_path`: UNet and VAE tensor by tensor into the sharded
+    trees, the support conv (the checkpoint's `conv_in_ref` or the repeated-and-halved
+    conv_in), and the empty prompt's embedding from the text encoder (run once, dropped)."""
+    if not self.sd_path:
       if self.autoencoder_kind == "kl":
         logging.warning("DiffewS: no config.model.sd_path; the VAE is randomly initialised "
                         "(only meaningful for tests and benchmarks).")
-        vae_params = self.vae.init(r_vae, jnp.zeros((1, h, w, 3), jnp.float32))["params"]
-    conv_in = unet_params["conv_in"]
-    loaded = self._pretrained.support_conv if self._pretrained is not None else None
-    if loaded is not None:
-      # A DiffewS-layout checkpoint (conv_in_ref.*): its own support conv.
-      support = {"kernel": jnp.asarray(loaded["kernel"], jnp.float32),
-                 "bias": jnp.asarray(loaded["bias"], jnp.float32)}
-      if support["kernel"].shape[2] != 2 * self.latent_channels:
-        raise ValueError(f"{self.sd_path}: the UNet's conv_in_ref takes "
-                         f"{support['kernel'].shape[2]} channels; DiffewS needs image latent ++ "
-                         f"mask latent = {2 * self.latent_channels}")
+      return params, frozen
+    from fssjax.weights import diffusers as dw  # noqa: PLC0415
+    allow = bool(self.opts["allow_pickle_weights"])
+    unet_items, support = dw.stream_component(self.sd_path, "unet", allow_pickle=allow)
+    items = [("unet/" + p, t) for p, t in unet_items]
+    if support is not None:
       logging.info("DiffewS: support conv loaded from the checkpoint's conv_in_ref")
+      k = dict(support)
+      if k["kernel"]().shape[2] != 2 * self.latent_channels:
+        raise ValueError(f"{self.sd_path}: the UNet's conv_in_ref takes "
+                         f"{k['kernel']().shape[2]} channels; DiffewS needs image latent ++ "
+                         f"mask latent = {2 * self.latent_channels}")
+      items += [("conv_in_support/" + n, t) for n, t in support]
     else:
-      # The original kernel repeated over (image latent ++ mask latent), halved.
-      support = {"kernel": jnp.concatenate([conv_in["kernel"], conv_in["kernel"]], axis=2) / 2.0,
-                 "bias": jnp.asarray(conv_in["bias"])}
-    params = {"unet": unet_params, "conv_in_support": support}
-    frozen = {"vae": vae_params, "context": jnp.asarray(context, jnp.float32)}
-    return params, frozen
+      conv = {n: t for p, t in unet_items for n in ("kernel", "bias") if p == f"conv_in/{n}"}
+      halved = lambda: np.asarray(_repeat_halve({"kernel": conv["kernel"](),  # noqa: E731
+                                                 "bias": conv["bias"]()})["kernel"])
+      items += [("conv_in_support/kernel", halved), ("conv_in_support/bias", conv["bias"])]
+    if self.autoencoder_kind == "kl":
+      vae_items, _ = dw.stream_component(self.sd_path, "vae", allow_pickle=allow)
+      items += [("vae/" + p, t) for p, t in vae_items]
+    items.append(("context", lambda: self._empty_prompt_embedding(dw, allow)))
+    return replace_leaves(params, frozen, items)
 
-  def _empty_prompt_embedding(self) -> np.ndarray:
+  def _empty_prompt_embedding(self, dw, allow_pickle: bool) -> np.ndarray:
     """The text encoder's last hidden state of the empty prompt [1, 2, D] (computed once)."""
-    sd = self._pretrained
-    ids = sd.tokenizer("", padding="do_not_pad", truncation=True,
-                       max_length=sd.tokenizer.model_max_length)["input_ids"]
-    out = sd.text_encoder.apply({"params": sd.text_encoder_params},
-                                jnp.asarray([ids], jnp.int32))
+    text_encoder, text_params = dw.load_text_encoder(
+        os.path.join(self.sd_path, "text_encoder"), dtype=self.dtype, allow_pickle=allow_pickle)
+    tokenizer = dw.load_tokenizer(os.path.join(self.sd_path, "tokenizer"))
+    ids = tokenizer("", padding="do_not_pad", truncation=True,
+                    max_length=tokenizer.model_max_length)["input_ids"]
+    out = text_encoder.apply({"params": text_params}, jnp.asarray([ids], jnp.int32))
     return np.asarray(out["last_hidden_state"], np.float32)
 
   # -- Forward ----------------------------------------------------------------------------
@@ -299,19 +337,32 @@ class DiffewS(Method):
     return loss, {"latent_mse": loss}
 
   def decode_mask(self, frozen: PyTree, v: jax.Array) -> jax.Array:
-    """v [B, h, w, C] -> mask value in [0, 1] [B, H, W]: decode(-v), clip, mean over RGB."""
+    """v [B, h, w, C] -> the decoded mask image [B, H, W, 3] in [0, 1], as the published
+    pipeline hands it to its evaluation: decode(-v), clip to [-1, 1], map to [0, 255], cast
+    to 8 bits (truncation, NumPy's astype(uint8)) and read back / 255
+    (`MarigoldPipeline.single_infer` 'seg' mode, then `seg_colored` and `to_tensor`)."""
     rgb = jnp.clip(self._decode(frozen, -v), -1.0, 1.0)
-    return jnp.mean(rgb * 0.5 + 0.5, axis=-1)
+    return jnp.floor((rgb * 0.5 + 0.5) * 255.0) / 255.0
 
   def predict(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
-    """Scores [B, H, W]: value - 0.25 x max(value) (relative) or value - t (absolute)."""
+    """Scores [B, H, W], foreground where > 0 (see `scores_from_rgb`)."""
     v, _ = self._v_prediction(params, frozen, batch)
-    return self.scores_from_value(self.decode_mask(frozen, v))
+    return self.scores_from_rgb(self.decode_mask(frozen, v))
 
-  def scores_from_value(self, value: jax.Array) -> jax.Array:
-    """Mask value [B, H, W] in [0, 1] -> scores, foreground where > 0."""
+  def scores_from_rgb(self, rgb: jax.Array) -> jax.Array:
+    """Decoded mask image [B, H, W, 3] in [0, 1] -> scores [B, H, W], foreground where > 0.
+
+    The published rule (aim-uofa/DiffewS, evaluation_util/main_oss.py, `--r_threshold 0.25`):
+    a pixel is foreground when its mean over RGB exceeds 0.25 x the largest single RGB value
+    of the image (`pred_mask.max() * r_threshold` over all channels and pixels), or, with
+    `mask_threshold_kind='absolute'`, a fixed value (`--threshold`). Pixels (1, 0, 0),
+    (.3, .3, .3), (.2, .2, .2): the cut is 0.25, the first two are foreground. The evaluator
+    resizes these scores with nearest neighbours (`interpolation`), as the published pipeline
+    resizes its decoded image (`F.interpolate(..., mode='nearest')`) before thresholding.
+    """
+    value = jnp.mean(rgb, axis=-1)
     if self.threshold_kind == "relative":
-      cut = self.mask_threshold * jnp.max(value, axis=(1, 2), keepdims=True)
+      cut = self.mask_threshold * jnp.max(rgb, axis=(1, 2, 3))[:, None, None]
     else:
       cut = self.mask_threshold
     return value - cut

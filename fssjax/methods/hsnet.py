@@ -8,9 +8,10 @@ Config keys (`config.model`, all optional; defaults in brackets):
     fssjax.weights.torchvision). Empty: random init (a warning is logged unless the backbone
     is trainable, as for the from-scratch demo).
   allow_pickle_weights [False]: allow a pickled .pth for backbone_weights (imports torch).
-  backbone_trainable [False]: published HSNet freezes the backbone (False): its parameters and
-    BatchNorm statistics go to `frozen` and features are wrapped in stop_gradient. True: the
-    backbone's parameters join `params` (BatchNorm statistics stay frozen, in inference mode).
+  trainable [('params/learner/.*',)]: regular expressions over the variable paths
+    ('params/learner/...', 'params/backbone/...', 'batch_stats/backbone/...'). Published HSNet
+    trains the learner only (the backbone and its BatchNorm statistics are frozen);
+    the from-scratch demo adds 'params/backbone/.*'. BatchNorm always runs in inference mode.
   learner_channels [(16, 64, 128)]: HPN learner channels (published).
   loss_boundary ['ignore']: query-mask pixels labelled 255 are 'ignore'd in the loss, or counted
     as 'background' -- the published behaviour: HSNet's PASCAL loader maps the 255 boundary to
@@ -22,9 +23,9 @@ Config keys (`config.model`, all optional; defaults in brackets):
 
 Prediction: `kshot = 'vote'`. A 1-shot batch gives scores = logit_fg - logit_bg (foreground
 where > 0, i.e. the argmax). A K-shot batch runs the K one-shot predictions and votes as
-published: foreground where votes / max(max votes in the image, 1) >= 0.5; the returned scores
-are `votes / max(max_votes, 1) - 0.5 + 1 / (4K)`, positive exactly where that rule says
-foreground (so `scores > 0` reproduces it).
+published (`fssjax.metrics.vote`: foreground where votes / max(max votes in the image, 1)
+>= 0.5); the returned scores are +0.5 there and -0.5 elsewhere. (The evaluator runs K one-shot
+passes itself and votes at the scored resolution.)
 
 Support masks: pixels equal to 1 are foreground; 0 and 255 are background for the support
 (as published, where the boundary becomes 0).
@@ -42,6 +43,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from fssjax import metrics
+from fssjax.data.base import IGNORE
+from fssjax.methods import base
 from fssjax.methods.base import Method, compute_dtype
 from fssjax.nn.hsnet import HSNet as HSNetModule
 from fssjax.nn.ops import resize_bilinear
@@ -49,13 +53,10 @@ from fssjax.weights import torchvision as tv_weights
 
 PyTree = Any
 
-IGNORE = 255
-
 _DEFAULTS = dict(
     backbone="resnet50",
     backbone_weights="",
     allow_pickle_weights=False,
-    backbone_trainable=False,
     learner_channels=(16, 64, 128),
     loss_boundary="ignore",
     train_support="first",
@@ -126,30 +127,28 @@ def pytorch_default_init(shapes: PyTree, rng: jax.Array) -> PyTree:
 class HSNet(Method):
   """Hypercorrelation Squeeze Network behind the fssjax Method interface."""
 
+  MODEL_DEFAULTS = _DEFAULTS
+  TRAINABLE = ("params/learner/.*",)
   kshot = "vote"
   threshold = 0.0
   normalization = "imagenet"
   align_corners = True
+  evaluators = ("episodic", "retrieval")
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
-    model_cfg = config.get("model", ml_collections.ConfigDict())
-    unknown = sorted(set(model_cfg.keys()) - set(_DEFAULTS))
-    if unknown:
-      raise ValueError(f"Unknown config.model key(s) for hsnet: {unknown}; known: "
-                       f"{sorted(_DEFAULTS)}")
-    self.opts = {k: model_cfg.get(k, v) for k, v in _DEFAULTS.items()}
     if self.opts["loss_boundary"] not in ("ignore", "background"):
-      raise ValueError(f"config.model.loss_boundary={self.opts['loss_boundary']!r}; expected "
-                       "'ignore' or 'background'")
+      raise base.ConfigError(f"config.model.loss_boundary={self.opts['loss_boundary']!r}; "
+                             "expected 'ignore' or 'background'")
     if self.opts["train_support"] not in ("first", "all"):
-      raise ValueError(f"config.model.train_support={self.opts['train_support']!r}; expected "
-                       "'first' or 'all'")
-    self.trainable_backbone = bool(self.opts["backbone_trainable"])
+      raise base.ConfigError(f"config.model.train_support={self.opts['train_support']!r}; "
+                             "expected 'first' or 'all'")
+    # Frozen backbone leaves are constants of the differentiated function, so no gradient
+    # reaches them whether or not the features pass through stop_gradient.
     self.model = HSNetModule(
         backbone_name=self.opts["backbone"],
         learner_channels=tuple(self.opts["learner_channels"]),
-        backbone_trainable=self.trainable_backbone,
+        backbone_trainable=True,
         dtype=compute_dtype(config),
     )
 
@@ -164,45 +163,56 @@ class HSNet(Method):
   # ---------------------------------------------------------------------------------------------
   # Parameters.
 
-  def init(self, rng: jax.Array, batch: dict[str, jax.Array]) -> tuple[PyTree, PyTree]:
-    q = jax.ShapeDtypeStruct((1,) + tuple(batch["query_image"].shape[1:]), jnp.float32)
-    s = jax.ShapeDtypeStruct((1,) + tuple(batch["support_images"].shape[2:]), jnp.float32)
-    m = jax.ShapeDtypeStruct((1,) + tuple(batch["support_masks"].shape[2:]), jnp.float32)
-    shapes = jax.eval_shape(self.model.init, rng, q, s, m)
-    variables = pytorch_default_init(shapes, rng)
-    backbone = {"params": variables["params"]["backbone"]}
-    if "batch_stats" in variables:
-      backbone["batch_stats"] = variables["batch_stats"]["backbone"]
+  def _shapes(self, rng: jax.Array, hw: tuple[int, int]) -> PyTree:
+    q = jax.ShapeDtypeStruct((1,) + tuple(hw) + (3,), jnp.float32)
+    m = jax.ShapeDtypeStruct((1,) + tuple(hw), jnp.float32)
+    return jax.eval_shape(self.model.init, rng, q, q, m)
 
+  def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> dict:
+    """{'params': {'backbone', 'learner'}, 'batch_stats': {'backbone'}} (BatchNorm backbones).
+
+    The values are `pytorch_default_init`'s (NumPy, seeded by `rng`'s bits), computed in a
+    `jax.pure_callback`, so `init` traces: under `jax.jit` with output shardings the arrays
+    are created where they live.
+    """
+    shapes = self._shapes(rng, tuple(batch["query_image"].shape[1:3]))
+    leaves, treedef = jax.tree.flatten(shapes)
+    key = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+
+    def host(key_bits):
+      return [np.asarray(x, np.float32) for x in
+              jax.tree.leaves(pytorch_default_init(shapes, np.asarray(key_bits)))]
+
+    values = jax.pure_callback(
+        host, [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in leaves], key)
+    return jax.tree.unflatten(treedef, values)
+
+  def load_pretrained(self, params: PyTree | None, frozen: PyTree) -> tuple[Any, Any]:
+    """The torchvision backbone of `model.backbone_weights`, tensor by tensor."""
     path = self.opts["backbone_weights"]
-    if path:
-      backbone = tv_weights.load_backbone_variables(
-          path, backbone, allow_pickle=bool(self.opts["allow_pickle_weights"]))
-      logging.info("HSNet: loaded %s backbone weights from %s", self.opts["backbone"], path)
-    elif not self.trainable_backbone:
-      logging.warning(
-          "HSNet: config.model.backbone_weights is empty: the FROZEN %s backbone is randomly "
-          "initialised. Published results need ImageNet weights (a torchvision state dict as "
-          "safetensors).", self.opts["backbone"])
-    else:
-      logging.info("HSNet: training the %s backbone from scratch (no backbone_weights).",
-                   self.opts["backbone"])
-
-    params = {"learner": variables["params"]["learner"]}
-    frozen: dict[str, PyTree] = {}
-    if self.trainable_backbone:
-      params["backbone"] = backbone["params"]
-    else:
-      frozen["params"] = {"backbone": backbone["params"]}
-    if "batch_stats" in backbone:
-      frozen["batch_stats"] = {"backbone": backbone["batch_stats"]}
+    name = self.opts["backbone"]
+    if not path:
+      frozen_backbone = "backbone" in (frozen.get("params") or {})
+      if frozen_backbone:
+        logging.warning(
+            "HSNet: config.model.backbone_weights is empty: the FROZEN %s backbone is randomly "
+            "initialised. Published results need ImageNet weights (a torchvision state dict as "
+            "safetensors).", name)
+      else:
+        logging.info("HSNet: training the %s backbone from scratch (no backbone_weights).", name)
+      return params, frozen
+    size = int(self.config.data.image_size)
+    shapes = self._shapes(jax.random.PRNGKey(0), (size, size))
+    template = {c: tree["backbone"] for c, tree in shapes.items() if "backbone" in tree}
+    files = tv_weights.read_state_dict(path, bool(self.opts["allow_pickle_weights"]))
+    items = tv_weights.plan_backbone(files, template, source=path)
+    params, frozen = base.replace_leaves(
+        params, frozen, [(f"{p[0]}/backbone/{'/'.join(p[1:])}", thunk) for p, thunk in items])
+    logging.info("HSNet: loaded %s backbone weights from %s", name, path)
     return params, frozen
 
   def _variables(self, params: PyTree, frozen: PyTree) -> dict[str, PyTree]:
-    variables = {"params": {**params, **frozen.get("params", {})}}
-    if "batch_stats" in frozen:
-      variables["batch_stats"] = frozen["batch_stats"]
-    return variables
+    return base.merge(params, frozen)
 
   def logits(self, params: PyTree, frozen: PyTree, query_image: jax.Array,
              support_image: jax.Array, support_mask: jax.Array) -> jax.Array:
@@ -212,6 +222,13 @@ class HSNet(Method):
     """
     fg = (support_mask == 1).astype(jnp.float32)
     return self.model.apply(self._variables(params, frozen), query_image, support_image, fg)
+
+  def image_features(self, params: PyTree, frozen: PyTree, images: jax.Array) -> jax.Array:
+    """Globally average-pooled last backbone tap [N, C] float32 of images [N, H, W, 3]
+    (the visual similarity of LLM-guided support retrieval, `fssjax.methods.retrieval`)."""
+    feats = self.model.apply(self._variables(params, frozen), images,
+                             method=lambda m, x: m.features(x))
+    return jnp.mean(feats[-1].astype(jnp.float32), axis=(1, 2))
 
   # ---------------------------------------------------------------------------------------------
   # Training.
@@ -271,10 +288,8 @@ class HSNet(Method):
                          masks.reshape((-1,) + masks.shape[2:]))
     if logits.shape[1:3] != size:
       logits = resize_bilinear(logits, size, axes=(1, 2), align_corners=True)
-    votes = (logits[..., 1] > logits[..., 0]).astype(jnp.float32).reshape((b, k) + tuple(size))
-    votes = votes.sum(axis=1)
-    max_vote = jnp.maximum(votes.reshape(b, -1).max(axis=1), 1.0)[:, None, None]
-    return votes / max_vote - 0.5 + 1.0 / (4 * k)
+    fg = (logits[..., 1] > logits[..., 0]).reshape((b, k) + tuple(size))
+    return jnp.where(metrics.vote(fg), 0.5, -0.5)
 
 
 METHOD = HSNet

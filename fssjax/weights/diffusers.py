@@ -5,9 +5,9 @@ Layout (a pipeline root, e.g. a local copy of stabilityai/stable-diffusion-2-1):
   vae/config.json           + diffusion_pytorch_model[.<variant>].safetensors
   text_encoder/config.json  + model[.<variant>].safetensors
   tokenizer/                  vocab.json, merges.txt, tokenizer_config.json (transformers)
-Sharded checkpoints (`<name>.safetensors.index.json`) are read too. PyTorch pickles
-(`.bin`, `.ckpt`, `.pt`, `.pth`) are only read with `allow_pickle=True` (they need torch and
-are loaded with `torch.load(weights_only=True)`).
+Sharded checkpoints (`<name>.safetensors.index.json`) are read too, one tensor at a time
+(`fssjax.weights.tensors`). PyTorch pickles (`.bin`, `.ckpt`, `.pt`, `.pth`) are only read
+with `allow_pickle=True` (`fssjax.weights.tensors.read_torch_pickle`).
 
 Conversion: every tensor is renamed from its PyTorch path to the Flax path
 (`down_blocks.0.resnets.1.conv1.weight` -> `down_blocks_0/resnets_1/conv1/kernel`,
@@ -25,8 +25,14 @@ Functions: `load_unet(path)`, `load_vae(path)`, `load_text_encoder(path)` -> (mo
 component directory or a pipeline root containing it. Lower level: `read_state_dict`,
 `read_config`, `unet_params_from_state_dict`, `vae_params_from_state_dict`,
 `text_encoder_params_from_state_dict`. DiffewS-layout UNets carry an extra support input conv
-(`conv_in_ref.*`, config field `in_channels_ref`): `load_pipeline` returns it as
+(`conv_in_ref.*`; the config field `in_channels_ref` is optional and inferred from the tensor,
+as the published starting checkpoint omits it): `load_pipeline` returns it as
 `StableDiffusion.support_conv` (`support_conv_from_state_dict` does the conversion).
+
+Streaming into a sharded model: `stream_component(root, 'unet' | 'vae')` checks every key and
+shape from the file headers, then returns one (Flax path, thunk) per parameter; a thunk reads
+and converts one tensor, so `fssjax.methods.base.replace_leaves` can place each on its devices
+without a second copy of the checkpoint in host memory.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import struct
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax
@@ -45,80 +50,22 @@ import numpy as np
 from fssjax.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from fssjax.nn.unet import UNet2DConditionModel, UNetConfig
 from fssjax.nn.vae import AutoencoderKL, VAEConfig
+from fssjax.weights import tensors
 
 StateDict = Dict[str, np.ndarray]
 PyTree = Any
 
-_PICKLE_EXTS = (".bin", ".ckpt", ".pt", ".pth")
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading files.
 
 
-def _read_safetensors_raw(path: str) -> StateDict:
-  """Parses a safetensors file directly (used for BF16, which numpy cannot name)."""
-  import ml_dtypes  # a jax dependency
-  with open(path, "rb") as f:
-    data = f.read()
-  if len(data) < 8:
-    raise ValueError(f"{path}: not a safetensors file (too short)")
-  (n,) = struct.unpack("<Q", data[:8])
-  try:
-    header = json.loads(data[8:8 + n])
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
-  dtypes = dict(_SAFETENSORS_DTYPES, BF16=ml_dtypes.bfloat16)
-  out = {}
-  base = 8 + n
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    if info["dtype"] not in dtypes:
-      raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    arr = np.frombuffer(data[base + begin:base + end], dtype=dtypes[info["dtype"]])
-    out[key] = arr.reshape(info["shape"])
-  return out
-
-
-def _read_safetensors(path: str) -> StateDict:
-  from safetensors.numpy import load_file
-  try:
-    return load_file(path)
-  except TypeError as e:  # numpy has no bfloat16
-    if "bfloat16" not in str(e):
-      raise
-    return _read_safetensors_raw(path)
-
-
-def _read_pickle(path: str, allow_pickle: bool) -> StateDict:
-  if not allow_pickle:
-    raise ValueError(f"{path} is a PyTorch pickle; loading it can execute code. Pass "
-                     "allow_pickle=True to read it (prefer safetensors)")
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch (pip install torch)") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-    obj = obj["state_dict"]
-  out = {}
-  for k, v in obj.items():
-    if not hasattr(v, "detach"):
-      raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-    v = v.detach().cpu()
-    out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-  return out
-
-
 def read_state_dict(directory: str, stem: str, *, variant: Optional[str] = None,
                     allow_pickle: bool = False) -> StateDict:
-  """Reads `<stem>[.<variant>].safetensors` (or its sharded index) from `directory`.
+  """Reads `<stem>[.<variant>].safetensors` (or its sharded index) from `directory` into a
+  dict (all tensors in memory; the loaders use `fssjax.weights.tensors.open_weights`, which
+  reads one tensor at a time).
 
   Falls back to a pickled `<stem>[.<variant>].bin/.ckpt/.pt/.pth` only with `allow_pickle`.
 
@@ -126,28 +73,8 @@ def read_state_dict(directory: str, stem: str, *, variant: Optional[str] = None,
     FileNotFoundError: when no weight file exists.
     ValueError: for a pickle without `allow_pickle`, or a corrupt file.
   """
-  name = stem if variant is None else f"{stem}.{variant}"
-  single = os.path.join(directory, name + ".safetensors")
-  index = single + ".index.json"
-  if os.path.exists(single):
-    return _read_safetensors(single)
-  if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise ValueError(f"{index}: no 'weight_map' dict")
-    out: StateDict = {}
-    for shard in sorted(set(weight_map.values())):
-      out.update(_read_safetensors(os.path.join(directory, shard)))
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-      raise ValueError(f"{index}: tensors {missing[:5]} listed but not found in the shards")
-    return out
-  for ext in _PICKLE_EXTS:
-    path = os.path.join(directory, name + ext)
-    if os.path.exists(path):
-      return _read_pickle(path, allow_pickle)
-  raise FileNotFoundError(f"no weights {name}.safetensors (or a sharded index) in {directory}")
+  files = tensors.open_weights(directory, stem, variant=variant, allow_pickle=allow_pickle)
+  return {k: files[k] for k in files}
 
 
 def read_config(directory: str) -> dict:
@@ -208,18 +135,27 @@ def _convert_tensor(key: str, value: np.ndarray, kind: str, expected: Tuple[int,
   return out
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: PyTree, *,
-                       component: str, rename: Callable[[list], list] = lambda p: p,
-                       param_dtype: Any = jnp.float32) -> PyTree:
-  """Maps a PyTorch state dict onto the param tree `expected` (shapes, e.g. from eval_shape).
+def _converted_shape(kind: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  if kind == "kernel" and len(shape) == 4:
+    return (shape[2], shape[3], shape[1], shape[0])
+  if kind == "kernel" and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def plan_conversion(keys_and_shapes: Mapping[str, Tuple[int, ...]], expected: PyTree, *,
+                    component: str, rename: Callable[[list], list] = lambda p: p
+                    ) -> Dict[Tuple[str, ...], Tuple[str, str]]:
+  """Flax path -> (checkpoint key, kind) for every parameter of `expected`, from the
+  checkpoint's keys and shapes alone (no tensor is read).
 
   Raises:
     ValueError: on unexpected keys, missing parameters or shape mismatches (naming them).
   """
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected))
-  out = {}
+  plan = {}
   unexpected = []
-  for key, value in state_dict.items():
+  for key, shape in keys_and_shapes.items():
     path, leaf = _flax_path(key, rename)
     if leaf == "weight":
       kinds = [k for k in ("kernel", "scale", "embedding") if path + (k,) in flat]
@@ -231,20 +167,55 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: PyTree, *
       unexpected.append(key)
       continue
     full = path + (kinds[0],)
-    if full in out:
+    if full in plan:
       raise ValueError(f"{component}: two tensors map to Flax parameter {'/'.join(full)} "
                        f"(second: {key!r})")
-    value = np.asarray(value)
-    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
-      raise ValueError(f"{component}: tensor {key!r} has dtype {value.dtype}; expected floats")
-    arr = _convert_tensor(key, value, kinds[0], flat[full].shape, component, "/".join(full))
-    # Cast on the host: a device-side astype would compile one op per tensor shape.
-    out[full] = jnp.asarray(np.asarray(arr, dtype=np.float32).astype(np.dtype(param_dtype)))
-  missing = sorted("/".join(p) for p in flat if p not in out)
+    got = _converted_shape(kinds[0], tuple(shape))
+    if got != tuple(flat[full].shape):
+      raise ValueError(f"{component}: tensor {key!r} has shape {tuple(shape)} (as Flax "
+                       f"{'/'.join(full)}: {got}), but the module built from the config "
+                       f"expects {tuple(flat[full].shape)}")
+    plan[full] = (key, kinds[0])
+  missing = sorted("/".join(p) for p in flat if p not in plan)
   if unexpected or missing:
     raise ValueError(f"{component}: checkpoint does not match the module built from its config; "
                      f"unexpected tensors {sorted(unexpected)}, missing Flax parameters "
                      f"{missing}")
+  return plan
+
+
+def read_converted(state_dict: Mapping[str, np.ndarray], key: str, kind: str, *,
+                   component: str, param_dtype: Any = jnp.float32) -> np.ndarray:
+  """One checkpoint tensor converted to its Flax layout and dtype (host NumPy)."""
+  value = np.asarray(state_dict[key])
+  if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+    raise ValueError(f"{component}: tensor {key!r} has dtype {value.dtype}; expected floats")
+  if kind == "kernel" and value.ndim == 4:
+    value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+  elif kind == "kernel" and value.ndim == 2:
+    value = value.T
+  return np.asarray(value, dtype=np.float32).astype(np.dtype(param_dtype))
+
+
+def _shapes_of(state_dict: Mapping[str, np.ndarray]) -> Dict[str, Tuple[int, ...]]:
+  if hasattr(state_dict, "shape"):
+    return {k: state_dict.shape(k) for k in state_dict}
+  return {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: PyTree, *,
+                       component: str, rename: Callable[[list], list] = lambda p: p,
+                       param_dtype: Any = jnp.float32) -> PyTree:
+  """Maps a PyTorch state dict onto the param tree `expected` (shapes, e.g. from eval_shape).
+
+  Raises:
+    ValueError: on unexpected keys, missing parameters or shape mismatches (naming them).
+  """
+  plan = plan_conversion(_shapes_of(state_dict), expected, component=component, rename=rename)
+  # Cast on the host: a device-side astype would compile one op per tensor shape.
+  out = {path: jnp.asarray(read_converted(state_dict, key, kind, component=component,
+                                          param_dtype=param_dtype))
+         for path, (key, kind) in plan.items()}
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -259,23 +230,14 @@ def _vae_rename(parts: list) -> list:
 def unet_params_from_state_dict(config: UNetConfig, state_dict: Mapping[str, np.ndarray], *,
                                 param_dtype: Any = jnp.float32) -> PyTree:
   """Converts a diffusers UNet2DConditionModel state dict for `UNet2DConditionModel(config)`."""
-  module = UNet2DConditionModel(config)
-  n_down = len(config.block_out_channels) - 1
-  side = 2 ** n_down
-  sample = jnp.zeros((1, side, side, config.in_channels))
-  context = jnp.zeros((1, 1, config.cross_attention_dim[0]))
-  shapes = jax.eval_shape(module.init, jax.random.key(0), sample, 0, context)["params"]
-  return convert_state_dict(state_dict, shapes, component="unet", param_dtype=param_dtype)
+  return convert_state_dict(state_dict, unet_shapes(config), component="unet",
+                            param_dtype=param_dtype)
 
 
 def vae_params_from_state_dict(config: VAEConfig, state_dict: Mapping[str, np.ndarray], *,
                                param_dtype: Any = jnp.float32) -> PyTree:
   """Converts a diffusers AutoencoderKL state dict for `AutoencoderKL(config)`."""
-  module = AutoencoderKL(config)
-  side = 2 ** (len(config.block_out_channels) - 1)
-  x = jnp.zeros((1, side, side, config.in_channels))
-  shapes = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
-  return convert_state_dict(state_dict, shapes, component="vae", rename=_vae_rename,
+  return convert_state_dict(state_dict, vae_shapes(config), component="vae", rename=_vae_rename,
                             param_dtype=param_dtype)
 
 
@@ -309,18 +271,21 @@ def text_encoder_params_from_state_dict(config: CLIPTextConfig,
 def support_conv_from_state_dict(state_dict: dict, raw_config: Mapping[str, Any],
                                  config: UNetConfig, *, param_dtype: Any = jnp.float32,
                                  component: str = "unet") -> Optional[PyTree]:
-  """Pops DiffewS's support input conv (`conv_in_ref.*`, config `in_channels_ref`) out of a
-  UNet state dict -> {kernel [3, 3, in_channels_ref, C0] (HWIO), bias [C0]}, or None when the
-  checkpoint has none. Both the tensors and the config field must be present together."""
+  """Pops DiffewS's support input conv (`conv_in_ref.*`) out of a UNet state dict ->
+  {kernel [3, 3, in_channels_ref, C0] (HWIO), bias [C0]}, or None when the checkpoint has none.
+
+  The config field `in_channels_ref` is optional: the published starting checkpoint
+  (`stable-diffusion-2-1-ref8inchannels`) has the tensors but not the field, so the input
+  channels come from `conv_in_ref.weight`'s shape; a field without the tensors is an error,
+  and a field that disagrees with the tensor is a shape error.
+  """
   has_field = "in_channels_ref" in raw_config
   has_tensors = any(k.startswith("conv_in_ref.") for k in state_dict)
-  if not has_field and not has_tensors:
+  if not has_tensors:
+    if has_field:
+      raise ValueError(f"{component}: config field in_channels_ref="
+                       f"{raw_config['in_channels_ref']} but no conv_in_ref.* tensors")
     return None
-  if has_field != has_tensors:
-    raise ValueError(f"{component}: DiffewS support conv: config field in_channels_ref "
-                     f"{'present' if has_field else 'absent'} but conv_in_ref.* tensors "
-                     f"{'present' if has_tensors else 'absent'}")
-  c_in, c_out = int(raw_config["in_channels_ref"]), config.block_out_channels[0]
   weight = state_dict.pop("conv_in_ref.weight", None)
   bias = state_dict.pop("conv_in_ref.bias", None)
   odd = sorted(k for k in state_dict if k.startswith("conv_in_ref."))
@@ -328,13 +293,90 @@ def support_conv_from_state_dict(state_dict: dict, raw_config: Mapping[str, Any]
     raise ValueError(f"{component}: expected conv_in_ref.weight and conv_in_ref.bias, got "
                      f"{'weight ' if weight is not None else ''}"
                      f"{'bias ' if bias is not None else ''}{odd}")
+  weight = np.asarray(weight, np.float32)
+  c_in = int(raw_config.get("in_channels_ref", weight.shape[1] if weight.ndim == 4 else -1))
+  c_out = config.block_out_channels[0]
   k = config.conv_in_kernel
-  kernel = _convert_tensor("conv_in_ref.weight", np.asarray(weight, np.float32), "kernel",
-                           (k, k, c_in, c_out), component, "conv_in_support/kernel")
+  kernel = _convert_tensor("conv_in_ref.weight", weight, "kernel", (k, k, c_in, c_out),
+                           component, "conv_in_support/kernel")
   bias = _convert_tensor("conv_in_ref.bias", np.asarray(bias, np.float32), "bias", (c_out,),
                          component, "conv_in_support/bias")
   return {"kernel": jnp.asarray(kernel.astype(np.dtype(param_dtype))),
           "bias": jnp.asarray(bias.astype(np.dtype(param_dtype)))}
+
+
+def unet_shapes(config: UNetConfig) -> PyTree:
+  """The UNet's parameter shapes (`jax.ShapeDtypeStruct`s; nothing is computed)."""
+  module = UNet2DConditionModel(config)
+  side = 2 ** (len(config.block_out_channels) - 1)
+  sample = jnp.zeros((1, side, side, config.in_channels))
+  context = jnp.zeros((1, 1, config.cross_attention_dim[0]))
+  return jax.eval_shape(module.init, jax.random.key(0), sample, 0, context)["params"]
+
+
+def vae_shapes(config: VAEConfig) -> PyTree:
+  """The VAE's parameter shapes."""
+  side = 2 ** (len(config.block_out_channels) - 1)
+  x = jnp.zeros((1, side, side, config.in_channels))
+  return jax.eval_shape(AutoencoderKL(config).init, jax.random.key(0), x)["params"]
+
+
+def unet_config(path: str, *, ignore_config_fields: Sequence[str] = ()) -> UNetConfig:
+  """The UNetConfig of `unet/config.json` (or `path/config.json`), DiffewS fields ignored."""
+  raw = read_config(_component_dir(path, "unet"))
+  return UNetConfig.from_diffusers(raw, ignore_fields=tuple(ignore_config_fields) +
+                                   ("in_channels_ref",))
+
+
+def vae_config(path: str) -> VAEConfig:
+  return VAEConfig.from_diffusers(read_config(_component_dir(path, "vae")))
+
+
+Streamed = list  # [(Flax path 'a/b/kernel', thunk -> NumPy array)]
+
+
+def stream_component(path: str, component: str, *, variant: Optional[str] = None,
+                     allow_pickle: bool = False, param_dtype: Any = jnp.float32
+                     ) -> Tuple[Streamed, Optional[Streamed]]:
+  """Plans the conversion of `unet` or `vae` under `path` without reading tensors.
+
+  Returns:
+    (items, support): `items` lists (Flax path, thunk) for every parameter, each thunk reading
+    and converting one tensor; `support` (UNet only) the DiffewS support conv's
+    [('kernel', thunk), ('bias', thunk)] when the checkpoint has `conv_in_ref.*`, else None.
+    The key / shape checks of `convert_state_dict` run here, before anything is read.
+  """
+  directory = _component_dir(path, component)
+  raw = read_config(directory)
+  files = tensors.open_weights(directory, "diffusion_pytorch_model", variant=variant,
+                               allow_pickle=allow_pickle)
+  shapes = _shapes_of(files)
+  support = None
+  if component == "unet":
+    config = UNetConfig.from_diffusers(raw, ignore_fields=("in_channels_ref",))
+    expected = unet_shapes(config)
+    ref = {k: v for k, v in shapes.items() if k.startswith("conv_in_ref.")}
+    if ref or "in_channels_ref" in raw:
+      # Checks (and infers in_channels_ref) on the two small tensors only.
+      conv = support_conv_from_state_dict({k: files[k] for k in ref}, raw, config,
+                                          param_dtype=param_dtype)
+      support = [("kernel", lambda: np.asarray(conv["kernel"])),
+                 ("bias", lambda: np.asarray(conv["bias"]))]
+      shapes = {k: v for k, v in shapes.items() if k not in ref}
+    rename = lambda p: p  # noqa: E731
+  elif component == "vae":
+    expected = vae_shapes(VAEConfig.from_diffusers(raw))
+    rename = _vae_rename
+  else:
+    raise ValueError(f"stream_component: component {component!r}; expected 'unet' or 'vae'")
+  plan = plan_conversion(shapes, expected, component=component, rename=rename)
+
+  def thunk(key, kind):
+    return lambda: read_converted(files, key, kind, component=component,
+                                  param_dtype=param_dtype)
+
+  items = [("/".join(p), thunk(key, kind)) for p, (key, kind) in plan.items()]
+  return items, support
 
 
 def load_unet(path: str, *, dtype: Any = None, param_dtype: Any = jnp.float32,

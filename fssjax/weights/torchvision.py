@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
+
+from fssjax.weights import tensors
 
 PyTree = Any
 
@@ -40,18 +42,8 @@ _LEAF_TO_TORCH = {
 }
 
 
-def _is_safetensors(path: str) -> bool:
-  """True if the file starts with a safetensors header (u64 length + JSON object)."""
-  with open(path, "rb") as f:
-    head = f.read(9)
-  if len(head) < 9:
-    return False
-  (n,) = struct.unpack("<Q", head[:8])
-  return head[8:9] == b"{" and 0 < n <= os.path.getsize(path) - 8
-
-
-def read_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-  """Reads a state dict as {key: float32 numpy array}.
+def read_state_dict(path: str, allow_pickle: bool = False):
+  """The state dict of `path` as a lazy {key: NumPy array} mapping (`fssjax.weights.tensors`).
 
   Args:
     path: a safetensors file, or (only with allow_pickle) a torch pickle (.pth / .pt).
@@ -63,33 +55,7 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> dict[str, np.ndarr
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Backbone weights file not found: {path}")
-  if _is_safetensors(path):
-    from safetensors.numpy import load_file
-    try:
-      sd = load_file(path)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file name
-      raise ValueError(f"Cannot read safetensors file {path}: {e}") from e
-    return {k: np.asarray(v) for k, v in sd.items()}
-  if not allow_pickle:
-    raise ValueError(
-        f"{path} is not a safetensors file. Loading a pickled torch checkpoint can run arbitrary "
-        "code; convert it to safetensors (safetensors.torch.save_file(state_dict, path)) or opt in "
-        "with allow_pickle=True (config: model.allow_pickle_weights=True).")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError(f"Reading the pickled checkpoint {path} needs torch installed") from e
-  obj = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-    obj = obj["state_dict"]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-  out = {}
-  for k, v in obj.items():
-    if hasattr(v, "detach"):
-      v = v.detach().cpu()
-      out[k] = v.float().numpy() if v.is_floating_point() else v.numpy()
-  return out
+  return tensors.open_file(path, allow_pickle)
 
 
 def _torch_module_name(flax_name: str) -> str:
@@ -125,26 +91,6 @@ def _torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(flax_shape)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
-
-
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], template: Mapping[str, PyTree],
                        source: str = "state dict") -> dict[str, PyTree]:
   """Maps a torchvision state dict onto Flax backbone variables.
@@ -162,25 +108,35 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], template: Mapping[s
     ValueError: a needed key is missing, a key is unexpected, or a shape does not fit; the
       message names the torchvision key(s) and shapes.
   """
-  used = set()
-  flat_out = {}
-  missing = []
+  plan = plan_backbone(state_dict, template, source)
+  return traverse_util.unflatten_dict({path: thunk() for path, thunk in plan})
+
+
+def plan_backbone(state_dict: Mapping[str, np.ndarray], template: Mapping[str, PyTree],
+                  source: str = "state dict") -> list[tuple[tuple[str, ...], Any]]:
+  """[(('params' | 'batch_stats',) + Flax path, thunk)] for every backbone variable of
+  `template`; keys and shapes are checked first (as in `convert_state_dict`), and each thunk
+  reads and converts one tensor."""
+  shape_of = (state_dict.shape if hasattr(state_dict, "shape")
+              else lambda k: tuple(np.shape(state_dict[k])))
+  items, used, missing = [], set(), []
   for collection, tree in template.items():
     if collection not in ("params", "batch_stats"):
       raise ValueError(f"Unexpected variable collection {collection!r} in the backbone template")
-    for path, like in _flatten(tree).items():
+    for path, like in traverse_util.flatten_dict(tree).items():
       key = torch_key(collection, path)
       if key not in state_dict:
         missing.append(key)
         continue
-      value = np.asarray(state_dict[key])
       expected = _torch_shape(path[-1], tuple(like.shape))
-      if tuple(value.shape) != expected:
-        raise ValueError(f"{source}: torchvision key {key!r} has shape {tuple(value.shape)}, "
+      if tuple(shape_of(key)) != expected:
+        raise ValueError(f"{source}: torchvision key {key!r} has shape {tuple(shape_of(key))}, "
                          f"expected {expected} (Flax {collection}/{'/'.join(path)} "
                          f"{tuple(like.shape)})")
       used.add(key)
-      flat_out[(collection,) + path] = _to_flax(path[-1], value).astype(np.float32)
+      items.append(((collection,) + path,
+                    lambda key=key, leaf=path[-1]: _to_flax(
+                        leaf, np.asarray(state_dict[key])).astype(np.float32)))
   if missing:
     raise ValueError(f"{source}: {len(missing)} torchvision key(s) missing: "
                      f"{_short_list(missing)}")
@@ -188,7 +144,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], template: Mapping[s
   if unexpected:
     raise ValueError(f"{source}: {len(unexpected)} unexpected key(s) the backbone does not use: "
                      f"{_short_list(unexpected)}")
-  return _unflatten(flat_out)
+  return items
 
 
 def _short_list(keys: list[str], n: int = 12) -> str:
