@@ -19,12 +19,24 @@ PEAK_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
+# Dense float32 peak FLOP/s (GPUs: the CUDA-core FP32 rate, not TF32 tensor cores). TPUs have no
+# float32 matrix unit (XLA runs float32 products as several bf16 passes): no entry.
+PEAK_FLOPS_FP32 = {
+    "NVIDIA H100 80GB HBM3": 67e12,
+    "NVIDIA H100": 67e12,
+    "NVIDIA H200": 67e12,
+    "NVIDIA A100-SXM4-80GB": 19.5e12,
+    "NVIDIA A100-SXM4-40GB": 19.5e12,
+    "NVIDIA A100 80GB PCIe": 19.5e12,
+}
 
 
-def peak_flops(kind: str) -> float | None:
-  if kind in PEAK_FLOPS:
-    return PEAK_FLOPS[kind]
-  for name, value in PEAK_FLOPS.items():
+def peak_flops(kind: str, table: dict[str, float] | None = None) -> float | None:
+  """The device kind's peak from `table` (default: bf16 `PEAK_FLOPS`); None if unknown."""
+  table = PEAK_FLOPS if table is None else table
+  if kind in table:
+    return table[kind]
+  for name, value in table.items():
     if kind.startswith(name):
       return value
   return None
@@ -99,6 +111,7 @@ def timing_record(benchmark: str, config, config_name: str, mesh, batch_size: in
   peak_bytes, peak_what = peak_memory(mesh.devices.flat)
   kind = jax.devices()[0].device_kind
   peak = peak_flops(kind)
+  peak32 = peak_flops(kind, PEAK_FLOPS_FP32)
   achieved = flops / median if flops else None
   return dict(
       benchmark=benchmark,
@@ -125,4 +138,6 @@ def timing_record(benchmark: str, config, config_name: str, mesh, batch_size: in
       achieved_flops_per_s=achieved,
       device_peak_flops=peak * mesh.size if peak else None,
       fraction_of_peak=(achieved / (peak * mesh.size)) if (achieved and peak) else None,
+      device_peak_flops_fp32=peak32 * mesh.size if peak32 else None,
+      fraction_of_peak_fp32=(achieved / (peak32 * mesh.size)) if (achieved and peak32) else None,
   )

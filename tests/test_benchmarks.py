@@ -43,3 +43,15 @@ def test_oom_detection():
   bench = _train_step_module()
   assert bench._is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
   assert not bench._is_oom(ValueError("shapes do not match"))
+
+
+def test_peak_flops_tables():
+  import sys  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import common  # pylint: disable=import-outside-toplevel
+  assert common.peak_flops("NVIDIA H200") == 989e12
+  assert common.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert common.peak_flops("NVIDIA A100-SXM4-40GB", common.PEAK_FLOPS_FP32) == 19.5e12
+  assert common.peak_flops("TPU v5 lite") == 197e12
+  assert common.peak_flops("TPU v4", common.PEAK_FLOPS_FP32) is None  # no fp32 matrix unit
+  assert common.peak_flops("cpu") is None

@@ -86,3 +86,35 @@ def test_rejects_even_kernel_and_bad_rank():
     CenterPivotConv4d(2, 4).init(jax.random.key(0), jnp.zeros((1, 2, 2, 2, 2, 1)))
   with pytest.raises(ValueError, match="Hq, Wq, Hs, Ws"):
     CenterPivotConv4d(2, 3).init(jax.random.key(0), jnp.zeros((1, 2, 2, 1)))
+
+
+@pytest.mark.parametrize("k,stride,shape", [
+    (3, 1, (1, 3, 2, 2, 2, 5)),   # HSNet's mixing layers: 2 x 2 support maps, kernel 3
+    (3, 2, (1, 2, 3, 4, 4, 3)),   # the last squeeze layer: 4 x 4 -> 2 x 2
+    (5, 4, (1, 2, 2, 3, 4, 2)),
+    (3, 1, (1, 4, 4, 1, 3, 2)),
+])
+def test_matmul_form_equals_convolution_form(k, stride, shape):
+  """The small-map matrix-product form (CPU default) and the convolution form agree, outputs
+  and gradients (parameters and input)."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  as_conv = CenterPivotConv4d(6, k, stride, matmul_max_positions=0)
+  as_matmul = CenterPivotConv4d(6, k, stride, matmul_max_positions=64)
+  variables = as_conv.init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda a: a + 0.1, variables)  # non-zero biases
+  np.testing.assert_allclose(as_matmul.apply(variables, x), as_conv.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda m: (lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))))  # noqa: E731
+  g_conv = jax.grad(loss(as_conv), argnums=(0, 1))(variables, x)
+  g_matmul = jax.grad(loss(as_matmul), argnums=(0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(g_conv), jax.tree.leaves(g_matmul)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_choice_in_one_place(monkeypatch):
+  from fssjax.nn import conv4d  # pylint: disable=import-outside-toplevel
+  assert conv4d.default_matmul_max_positions() == conv4d.MATMUL_MAX_POSITIONS.get(
+      jax.default_backend(), 0)
+  monkeypatch.setitem(conv4d.MATMUL_MAX_POSITIONS, jax.default_backend(), 0)
+  assert conv4d.default_matmul_max_positions() == 0

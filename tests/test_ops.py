@@ -50,3 +50,17 @@ def test_resize_nearest_torch_rule():
   x = np.arange(5).reshape(1, 5, 1, 1)
   got = np.asarray(ops.resize_nearest(x, (3, 1)))[0, :, 0, 0]
   np.testing.assert_array_equal(got, [0, 1, 3])  # floor(i * 5/3) = 0, 1, 3
+
+
+@pytest.mark.parametrize("n_in,n_out,align_corners,row,cols,want", [
+    # Values printed by torch 2.13 (CPU) F.interpolate(mode='bilinear') on unit impulses.
+    # 400 -> 50 aligned: row 21 samples 171.00002 in float32, not 171 (HSNet's 50x50 masks).
+    (400, 50, True, 21, slice(170, 173), [0.0, 0.99998474, 1.5258789e-05]),
+    # 64 -> 7 half-pixel: scale * 3.5 - 0.5 rounded once (fused multiply-add): 31.500002.
+    (64, 7, False, 3, slice(30, 33), [0.0, 0.4999981, 0.5000019]),
+    (128, 400, False, 200, slice(62, 65), [0.0, 0.34000015, 0.65999985]),
+])
+def test_interpolation_weights_round_like_pytorch(n_in, n_out, align_corners, row, cols, want):
+  w = ops.interpolation_matrix(n_in, n_out, align_corners)
+  np.testing.assert_array_equal(w[row, cols], np.asarray(want, np.float32))
+  np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)

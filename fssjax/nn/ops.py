@@ -16,24 +16,40 @@ import numpy as np
 
 
 def interpolation_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
-  """Linear interpolation weights W [out_size, in_size] with out = W @ in (PyTorch semantics)."""
-  w = np.zeros((out_size, in_size), np.float64)
-  if in_size == 1:
+  """Linear interpolation weights W [out_size, in_size] with out = W @ in (PyTorch semantics).
+
+  The source positions and weights are computed in float32 with the operations of PyTorch's
+  CPU kernel (aten/src/ATen/native/UpSample.h `area_pixel_compute_scale` /
+  `area_pixel_compute_source_index`, UpSampleKernel.cpp `compute_indices_weights_linear`):
+  scale = (in - 1) / (out - 1) (aligned corners) or in / out, src = scale * dst or
+  max(scale * (dst + 0.5) - 0.5, 0) (one rounding: a fused multiply-add), lo = floor(src), lambda = clamp(src - lo, 0, 1). The float32
+  rounding matters: at 400 -> 50 with aligned corners, output row 21 samples source 171.00002,
+  not 171, so a row next to an all-zero one gets a weight of 2e-5 -- and HSNet L2-normalises
+  the masked support features, which turns such a tiny masked value into a unit vector.
+  """
+  f32 = np.float32
+  if in_size == 1 or out_size == 0:
+    w = np.zeros((out_size, in_size), np.float32)
     w[:, 0] = 1.0
-    return w.astype(np.float32)
-  dst = np.arange(out_size, dtype=np.float64)
+    return w
+  dst = np.arange(out_size).astype(f32)
   if align_corners:
-    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    src = dst * scale
+    scale = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0)
+    src = (scale * dst).astype(f32)
   else:
-    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    scale = f32(in_size) / f32(out_size)
+    # One rounding after the multiply-add, as PyTorch's compiled kernel (a fused multiply-add):
+    # the float64 product of two float32 values is exact.
+    src = (np.float64(scale) * (dst + f32(0.5)).astype(np.float64) - 0.5).astype(f32)
+    src = np.maximum(src, f32(0))
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
+  lam = np.clip(src - lo.astype(f32), f32(0), f32(1)).astype(f32)
+  hi = lo + (lo < in_size - 1)
+  w = np.zeros((out_size, in_size), np.float32)
   rows = np.arange(out_size)
-  np.add.at(w, (rows, lo), 1.0 - frac)
-  np.add.at(w, (rows, hi), frac)
-  return w.astype(np.float32)
+  np.add.at(w, (rows, lo), f32(1) - lam)
+  np.add.at(w, (rows, hi), lam)
+  return w
 
 
 def resize_bilinear(x: jnp.ndarray, size: Sequence[int], axes: Sequence[int] = (1, 2),

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from fssjax.nn.attention import dot_product_attention
-from fssjax.nn.unet import (Downsample2D, ResnetBlock2D, Upsample2D, conv, get_activation,
-                            group_norm)
+from fssjax.nn.unet_blocks import (Downsample2D, ResnetBlock2D, Upsample2D, conv, get_activation,
+                                   group_norm)
 
 Array = jax.Array
 Dtype = Any
