@@ -23,8 +23,8 @@ safetensors, e.g. `safetensors.torch.save_file(torchvision.models.resnet50(weigh
 
 Offline demo (no downloads: the generated synthetic benchmark in COCO format, a small
 `resnet_tiny` backbone trained from scratch together with the HSNet learner, 128 x 128, batch
-8, 700 steps of Adam at 2e-3 with 50 warm-up steps and cosine decay, evaluated on 300 episodes
-of fold 0's novel classes):
+8, 700 steps of Adam at 2e-3 with 50 warm-up steps (scaled with `steps`) and cosine decay,
+evaluated on 300 episodes of fold 0's novel classes):
 
   python -m fssjax.main --config=configs/hsnet_coco.py:demo --workdir=runs/demo
 
@@ -37,7 +37,12 @@ resnet_tiny), weights (safetensors path), allow_pickle (read a .pth instead), ro
 batch, precision (float32 | bfloat16), eval_resolution (resized | original), demo.
 """
 
-from fssjax.configlib import base_config, parse_arg
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  pylint: disable=g-import-not-at-top
+from fssjax.configlib import parse_arg  # noqa: E402
 
 DEFAULTS = dict(
     fold=0,
@@ -56,59 +61,40 @@ DEFAULTS = dict(
 
 def get_config(arg=None):
   a = parse_arg(arg, DEFAULTS)
-  c = base_config()
-  c.method = "hsnet"
-  c.seed = 0
-
-  c.data.dataset = "coco20i"
-  c.data.root = a["root"]
-  c.data.fold = a["fold"]
-  c.data.shot = a["shot"]
-  c.data.image_size = 400
-  c.data.resize = "square"
-  c.data.augment = False
-  c.data.test_episodes = 1000
-  c.data.eval_resolution = a["eval_resolution"]
-  c.data.workers = 8
-
+  c = common.base("hsnet")
+  common.benchmark(c, "coco20i", root=a["root"], fold=a["fold"], shot=a["shot"],
+                   image_size=400, eval_resolution=a["eval_resolution"])
   c.train.batch_size = a["batch"] or 40
   c.train.num_steps = a["steps"] or 100_000
   c.train.log_every = 100
   c.train.eval_every = 5_000
   c.train.checkpoint_every = 5_000
   c.train.precision = a["precision"]
-
   c.optimizer.name = "adam"
   c.optimizer.lr = 1e-3
   c.optimizer.schedule = "constant"
-
   c.eval.batch_size = 8
-
-  c.model.backbone = a["backbone"]
-  c.model.backbone_weights = a["weights"]
-  c.model.allow_pickle_weights = a["allow_pickle"]
-  c.model.backbone_trainable = False
-  c.model.learner_channels = (16, 64, 128)
-  # Published: no ignore label in the loss (masks are binary; a 255 label counts as background).
-  c.model.loss_boundary = "background"
-  c.model.train_support = "first"
+  common.hsnet_model(c, a)
 
   if a["demo"]:
-    c.data.dataset = "synthetic"
-    c.data.root = a["root"]  # '' = the default cache directory (generated on first use)
-    c.data.image_size = 128
-    c.data.test_episodes = 300
-    c.data.workers = 0
-    c.train.batch_size = a["batch"] or 8
-    c.train.num_steps = a["steps"] or 700
-    c.train.log_every = 25
-    c.train.eval_every = 0  # evaluate once, at the end
-    c.train.checkpoint_every = c.train.num_steps
-    c.optimizer.lr = 2e-3
-    c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 50
-    c.eval.batch_size = 16
+    steps = a["steps"] or 700
+    common.demo(c, root=a["root"], image_size=128, steps=steps, default_steps=700,
+                batch=a["batch"] or 8, lr=2e-3, warmup=50, log_every=25,
+                checkpoint_every=steps)
     c.model.backbone = "resnet_tiny" if a["backbone"] == DEFAULTS["backbone"] else a["backbone"]
-    c.model.backbone_trainable = True
+    c.model.trainable = ("params/learner/.*", "params/backbone/.*")  # from scratch
     c.model.loss_boundary = "ignore"
   return c
+
+
+def sweep(arg=None):
+  """Folds x shots x seeds of this config, for `launch.run --sweep` (24 runs; each demo run
+  takes about 7 minutes on 2 CPU cores):
+
+    python -m launch.run --config=configs/hsnet_coco.py:demo --sweep --backend=local \\
+      --workdir=runs/demo_sweep --max_parallel=2
+    python -m launch.collect runs/demo_sweep
+  """
+  del arg
+  return [{"data.fold": f, "data.shot": k, "seed": s}
+          for f in range(4) for k in (1, 5) for s in (0, 1, 2)]
