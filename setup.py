@@ -9,10 +9,9 @@ INSTALL_REQUIRES = [
     "grain>=0.2.10",
     "ml_collections>=1.0",
     "clu>=0.0.12",
-    # clu's TensorBoard writer imports TensorFlow and the tensorboard hparams plugin.
-    "tensorflow-cpu>=2.16",
+    # TensorBoard event files: written by fssjax.monitoring with the tensorboard package
+    # (no TensorFlow).
     "tensorboard>=2.16",
-    "tensorflow-datasets>=4.9",
     "pycocotools>=2.0.7",
     "einops>=0.8",
     "transformers>=4.45",
@@ -20,6 +19,15 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "numpy>=1.26",
     "absl-py>=2.1",
+    # The language side (fssjax.priors, fssjax.nn.llama / bert).
+    "tokenizers>=0.20",
+    "gguf>=0.10",
+    "jinja2>=3.1",
+    "openai>=3.57",
+    "jsonschema>=4.20",
+    # launch/: sweeps on Slurm, TPU VMs and local processes.
+    "submitit>=1.5",
+    "PyYAML>=6",
 ]
 
 setuptools.setup(
@@ -29,9 +37,14 @@ setuptools.setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["fssjax", "fssjax.*"]),
+    packages=setuptools.find_packages(include=["fssjax", "fssjax.*", "launch", "launch.*"]),
+    package_data={"fssjax.priors": ["descriptions/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "respx>=0.23",
+                 # notebooks/fewshot_demo.ipynb runs in the tests
+                 "matplotlib>=3.8", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6"],
+        # benchmarks/vs_torch.py: the PyTorch side of the side-by-side benchmark.
+        "bench": ["torch==2.13.0", "diffusers>=0.30"],
     },
 )
