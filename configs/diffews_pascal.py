@@ -7,7 +7,7 @@ MSE, AdamW lr 1e-5 linear decay, weight decay 0.01, gradient clipping 1.0, globa
 8 devices x 1 x 4 accumulation steps, bf16 compute; 0.25 x max mask rule. Evaluation: 1000
 fixed episodes of the fold's 5 classes with the 255 boundary ignored, class-wise mIoU. In the
 training target a 255 boundary pixel is background (white-on-black masks have no third value).
-DESIGN lists no published PASCAL-5i number for DiffewS, and the published scripts give no
+The DiffewS paper reports no PASCAL-5i number, and the published scripts give no
 PASCAL step count: `steps` (default 20,000, the COCO budget) is ours.
 
   python -m fssjax.main --workdir=runs/diffews_pascal_f0 \\

@@ -13,7 +13,7 @@ LVIS-92i (Matcher, aim-uofa/Matcher matcher/data/lvis.py, `build_img_metadata_cl
   * n = len(val classes) // 10 classes per fold; fold f tests `val_classes[f + 10 * v]`,
     v = 0..n-1 (about 92 per fold, hence the name);
   * train classes = every class of the train annotations that fold f does not test;
-  * evaluation draws 2300 episodes, cycling classes `idx % n` (see DESIGN.md).
+  * evaluation draws 2300 episodes, cycling classes `idx % n` (Matcher's data/lvis.py).
 Matcher reads preprocessed pickles (`lvis_train.pkl`, `lvis_val.pkl`: class -> image ->
 annotations) whose construction script is not published; here they are rebuilt from the official
 JSON files, so fold membership follows the rule above over the classes that actually have

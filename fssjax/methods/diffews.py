@@ -1,6 +1,6 @@
 """DiffewS (NeurIPS 2024): a Stable Diffusion UNet turned into a one-step few-shot segmenter.
 
-Published recipe (aim-uofa/DiffewS; DESIGN section 5):
+Published recipe (Zhu et al., NeurIPS 2024; code aim-uofa/DiffewS):
   * Images and masks at 512x512 in [-1, 1]; a mask is a white-on-black RGB image. Both go
     through the frozen KL-VAE encoder (posterior mean x 0.18215).
   * Support branch: a second input conv with 8 channels (support image latent ++ support mask
