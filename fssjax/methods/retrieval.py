@@ -90,7 +90,7 @@ class FeatureBank:
       if len(chunk) < self.batch_size:
         pad = np.zeros((self.batch_size - len(chunk),) + images.shape[1:], images.dtype)
         images = np.concatenate([images, pad])
-      feats = np.asarray(self.embed_fn(images), np.float32)[:len(chunk)]
+      feats = np.array(self.embed_fn(images), np.float32)[:len(chunk)]  # a writable copy
       feats /= np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
       for r, f in zip(chunk, feats):
         self._cache[r] = f
