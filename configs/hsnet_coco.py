@@ -28,9 +28,12 @@ evaluated on 300 episodes of fold 0's novel classes):
 
   python -m fssjax.main --config=configs/hsnet_coco.py:demo --workdir=runs/demo
 
-  Measured (2026-11-23, idle 2-core CPU dev machine, benchmark already generated: 6m32s wall;
-  generating it first adds about 40 s): mIoU 25.8, FB-IoU 60.4 on the 300 test episodes,
-  against 7.8 / 3.9 for the all-foreground prediction (+18.0 mIoU).
+  Measured (2026-11-30, 2-core CPU dev machine, as the first stage of
+  configs/retrieval_coco.py:demo, whose training is this config's): mIoU 26.9, FB-IoU 60.8 on
+  the 300 test episodes, against 7.8 / 3.9 for the all-foreground prediction (+19.1 mIoU).
+  (2026-11-23: 25.8 / 60.4, 6m32s on the idle machine. Since then the support-mask resize
+  uses PyTorch-exact bilinear weights and the small-map conv4d is one matmul on CPU (equal to
+  7e-8, which 700 training steps amplify); which of the two moved the number was not bisected.)
 
 Arguments (`get_config("key=value,...")`): fold, shot, backbone (resnet50 | resnet101 | vgg16 |
 resnet_tiny), weights (safetensors path), allow_pickle (read a .pth instead), root, steps,
