@@ -60,6 +60,14 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | No
   for key in ("weight_decay", "grad_clip", "warmup_steps"):
     if not float(o[key]) >= 0:
       raise ConfigError(f"optimizer.{key}={o[key]!r} must be >= 0")
+  d = config.data
+  if int(d.shot) < 1:
+    raise ConfigError(f"data.shot={d.shot} must be >= 1 (K supports per episode)")
+  from fssjax.data import folds, sources  # pylint: disable=g-import-not-at-top
+  bench = sources.benchmark_of(d)
+  if bench in folds.BENCHMARKS and not 0 <= int(d.fold) < folds.num_folds(bench):
+    raise ConfigError(f"data.fold={d.fold} does not exist for {bench!r}: its folds are "
+                      f"0..{folds.num_folds(bench) - 1}")
   make_schedule(o, int(t.num_steps))  # warm-up vs steps, schedule name
   make_optimizer(config)  # optimiser name
   if mesh is not None:

@@ -443,8 +443,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   outdir = os.path.abspath(outdir or workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
-    raise MissingInputsError(f"No checkpoints in {ckpt_dir} to evaluate (--workdir names a "
-                             "training run's directory)")
+    raise MissingInputsError(f"No checkpoints in {ckpt_dir} to evaluate: --workdir must name "
+                             "the directory of a training run (train first with the same "
+                             "--workdir and --mode=train).")
   check_config(config)
   preflight(config, train=False)
   ckpt = checkpointing.Checkpointer(ckpt_dir, read_only=True)

@@ -79,5 +79,5 @@ def enable(path: Optional[str] = None) -> Optional[str]:
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  logging.info("XLA compilation cache: %s", directory)
+  logging.debug("XLA compilation cache: %s", directory)
   return directory

@@ -4,14 +4,16 @@ r"""Launch one run or a sweep of `fssjax.train.train_and_evaluate` runs.
   python -m launch.run --config=configs/hsnet_coco.py:demo --sweep --backend=local \
       --workdir=runs/demo_sweep --max_parallel=2
 
-  # a sweep file on a Slurm cluster (one job array; resources from flags or --profile)
+  # a sweep file of your own (a .py with sweep(), JSON or YAML list of override dicts) on a
+  # Slurm cluster (one job array; resources from flags or --profile)
   python -m launch.run --config=configs/hsnet_coco.py:fold=0,root=/data/COCO2014 \
-      --sweep --sweep_file=sweeps/ablation.py --backend=slurm --workdir=runs/ablation \
+      --sweep --sweep_file=my_ablation.yaml --backend=slurm --workdir=/shared/runs/ablation \
       --partition=gpu --gpus_per_node=8 --time=1440 --array_parallelism=16
 
   # every host of a TPU VM slice (print the gcloud commands with --dry_run)
   python -m launch.run --config=configs/hsnet_coco.py:demo --sweep --backend=tpu_vm \
-      --workdir=runs/demo_sweep --tpu_name=my-v4-32 --tpu_zone=us-central2-b --dry_run
+      --workdir=/mnt/shared/runs/demo_sweep --tpu_name=my-v4-32 --tpu_zone=us-central2-b \
+      --dry_run   # a directory every host shares, so that launch.collect sees the results
 
   # a single run with overrides
   python -m launch.run --config=configs/hsnet_coco.py:demo --override=optimizer.lr=0.001 \
@@ -20,7 +22,7 @@ r"""Launch one run or a sweep of `fssjax.train.train_and_evaluate` runs.
 Each sweep point runs in `--workdir/<name>` (name from its overrides, `launch.sweeps.run_name`);
 a single run uses `--workdir` itself. A finished run (results at its last step exist) is
 skipped. `--workdir/sweep.json` lists the points; `--workdir/logs/` holds the job logs; each
-run's `launch.json` its status. Collect the results with `python -m launch.collect --workdir`.
+run's `launch.json` its status. Collect the results with `python -m launch.collect WORKDIR`.
 """
 
 from __future__ import annotations

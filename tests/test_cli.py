@@ -94,3 +94,22 @@ def test_evaluating_a_missing_run_creates_nothing(runs):
   rc, _, stderr = out["eval_missing"]
   assert rc == 1 and "No checkpoints in" in stderr and "Traceback" not in stderr
   assert not os.path.exists(os.path.join(tmp, "nothing"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("fold", 7, "data.fold=7 does not exist for 'synthetic': its folds are 0..3"),
+    ("shot", 0, "data.shot=0 must be >= 1"),
+])
+def test_fold_and_shot_are_checked_before_any_data_is_read(key, value, message):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from fssjax import checks  # pylint: disable=g-import-not-at-top
+  from fssjax.methods.base import ConfigError  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "hsnet_coco_cfg", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                     "hsnet_coco.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("demo")
+  config.data[key] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    checks.check_config(config)
