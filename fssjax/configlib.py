@@ -94,6 +94,9 @@ def base_config():
     data.workers: grain worker processes (0 = in-process).
     data.eval_resolution: 'resized' (score at the network resolution) or 'original'
       (upsample scores to the original query size and score against the original mask).
+    data.support_check_size: 0 (published: no check) or the smallest feature side (e.g. 13
+      for HSNet at 400): a support whose mask is empty at that size is redrawn in training
+      and counted in evaluation (`support_empty`).
     train.*: global batch size, steps, logging / eval / checkpoint cadence, gradient
       accumulation, compute precision.
     optimizer.*: name (adam | adamw | sgd), lr, schedule (constant | linear | cosine),
@@ -123,6 +126,7 @@ def base_config():
       skip_corrupt=False,
       eval_resolution="resized",
       max_original_size=1024,  # canvas for original-size masks (eval_resolution='original')
+      support_check_size=0,  # > 0: flag supports empty at this side (fssjax.data.pipeline)
   ))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=8,
