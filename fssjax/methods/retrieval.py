@@ -169,11 +169,6 @@ def summarize(variants: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(rows)
 
 
-def log_related(related: Mapping[int, Sequence[int]], names: Sequence[str], top_r: int) -> None:
-  for c, bases in related.items():
-    logging.info("related to %r: %s", names[c], [names[b] for b in list(bases)[:top_r]])
-
-
 # ----------------------------------------------------------------------------------------
 # The evaluator: one run, every support variant, the same queries.
 
