@@ -41,7 +41,7 @@ from absl import logging
 import numpy as np
 
 from fssjax.data import transforms
-from fssjax.data.base import Episode, SegmentationSource, image_key
+from fssjax.data.base import SegmentationSource, image_key
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # float32 [N,H,W,3] normalised -> [N, D]
 
