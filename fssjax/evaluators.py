@@ -13,7 +13,9 @@ data set of `fssjax.data.sources` seen as semantic segmentation: `SemanticFromFe
 Common keys: `every` (-1 or absent: `train.eval_every`; N > 0: every N steps and after the
 last; 0: after the last step only; < -1: never), `prefix` (TensorBoard tag prefix; default the
 evaluator's name), `batch_size` (global; default `eval.batch_size`), `data` (overrides of
-`config.data` for this evaluator). Without `config.evals` there is one episodic evaluator,
+`config.data` for this evaluator), `model` (overrides of `config.model` for this evaluator:
+the same trained params evaluated under another inference setting, for example a prompt-mode
+ablation `model=dict(eval_prompt_mode='visual')`; unknown keys are refused). Without `config.evals` there is one episodic evaluator,
 `fewshot`, exactly as before (prefix 'eval', cadence `train.eval_every`).
 
   * `episodic` (`EpisodicEvaluator`): the published few-shot protocol on the fixed test
@@ -73,7 +75,7 @@ PyTree = Any
 
 EVALUATOR_TYPES = ("episodic", "dense", "retrieval")
 DEFAULT_NAME = "fewshot"
-_COMMON_KEYS = ("type", "every", "prefix", "batch_size", "data")
+_COMMON_KEYS = ("type", "every", "prefix", "batch_size", "data", "model")
 _KEYS = {"episodic": _COMMON_KEYS + ("num_summary_images",),
          "dense": _COMMON_KEYS,
          "retrieval": _COMMON_KEYS + ("num_summary_images", "rankers", "top_r", "llm",
@@ -106,6 +108,31 @@ def _due(every: int, step: int, is_last: bool) -> bool:
   if every < 0:
     return False
   return bool(is_last) or (every > 0 and step % every == 0)
+
+
+def _method_variant(config: ml_collections.ConfigDict, method, name: str,
+                    overrides: Mapping[str, Any] | None):
+  """`method`, or a method of the same class built from `config` with `config.model` updated
+  by `overrides` (an evaluator's `model` block: evaluate one trained model under another
+  inference setting, e.g. a prompt-mode ablation, on the same episodes). The variant reads
+  the same params and frozen trees, so the overrides may only change inference behaviour.
+
+  Raises:
+    ValueError: an override key the method does not know (named, with the method's keys).
+  """
+  if not overrides:
+    return method
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  if "model" not in cfg:
+    cfg.model = ml_collections.ConfigDict()
+  known = set(getattr(type(method), "MODEL_DEFAULTS", {})) | {"trainable"}
+  unknown = sorted(set(overrides) - known)
+  if unknown:
+    raise ValueError(f"evals.{name}.model: unknown model keys {unknown} for method "
+                     f"{config.get('method', '')!r}; its keys: {sorted(known)}")
+  for key, value in dict(overrides).items():
+    cfg.model[key] = value
+  return type(method)(cfg)
 
 
 def _config_with_data(config: ml_collections.ConfigDict,
@@ -668,7 +695,8 @@ class Suite:
     out = {}
     for name in names:
       evaluator = self[name]
-      res = evaluator.run(self.method, params, frozen, step, writer)
+      method = getattr(evaluator, "method_variant", None) or self.method
+      res = evaluator.run(method, params, frozen, step, writer)
       logging.info("step %s, %s: %s", step, name, evaluator.summary_line(res))
       out[name] = res
     return out
@@ -766,5 +794,6 @@ def from_config(config: ml_collections.ConfigDict, method, mesh=None, *,
         _ = e.data
       else:
         _ = e.source
+    e.method_variant = _method_variant(config, method, name, spec.get("model"))
     evaluators.append(e)
   return Suite(evaluators, method)

@@ -351,3 +351,33 @@ def test_dense_on_eight_devices_counts_each_pixel_once():
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
   for matrix in json.loads(line[len("RESULT"):]).values():
     np.testing.assert_array_equal(np.asarray(matrix), WANT)
+
+
+def test_model_override_builds_a_variant_for_one_evaluator():
+  """evals.<name>.model: that evaluator runs a method of the same class whose config.model
+  carries the override; the others run the suite's method; unknown keys are refused."""
+  import ml_collections
+  from fssjax import evaluators as ev
+  from fssjax.methods.base import Method
+
+  class Toy(Method):
+    MODEL_DEFAULTS = {"mode": "both"}
+
+    def init(self, rng, batch):  # pragma: no cover - not called
+      raise NotImplementedError
+
+    def loss(self, params, frozen, batch, rng):  # pragma: no cover
+      raise NotImplementedError
+
+    def predict(self, params, frozen, batch):  # pragma: no cover
+      raise NotImplementedError
+
+  config = ml_collections.ConfigDict(dict(method="toy", model=dict(mode="both")))
+  base = Toy(config)
+  variant = ev._method_variant(config, base, "visual", {"mode": "visual"})
+  assert type(variant) is Toy and variant is not base
+  assert variant.opts["mode"] == "visual" and base.opts["mode"] == "both"
+  assert config.model.mode == "both"  # the run's config is not touched
+  assert ev._method_variant(config, base, "fewshot", None) is base
+  with pytest.raises(ValueError, match=r"evals\.visual\.model: unknown model keys \['mdoe'\]"):
+    ev._method_variant(config, base, "visual", {"mdoe": "visual"})
