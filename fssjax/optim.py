@@ -70,20 +70,27 @@ def make_optimizer(config: ml_collections.ConfigDict) -> Optimizer:
   adam: Adam, `weight_decay` as an L2 term added to the gradient (PyTorch `Adam`);
   adamw: decoupled weight decay scaled by the learning rate (PyTorch `AdamW`);
   sgd: SGD with `optimizer.momentum` (default 0.9 when the key is absent; 0 = plain SGD) and
-  L2 weight decay. `grad_clip > 0` clips by global norm first.
+  L2 weight decay. `grad_clip > 0` clips by global norm first. Adam's moment decays and
+  epsilon are `optimizer.b1`, `b2`, `eps` (PyTorch's defaults 0.9, 0.999, 1e-8 when absent;
+  LISA / DSV-LFS use b2 = 0.95).
   """
   opt = config.optimizer
   profile = make_schedule(opt, int(config.train.num_steps), peak=1.0)
   wd = float(opt.weight_decay)
+  betas = dict(b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.999)),
+               eps=float(opt.get("eps", 1e-8)))
+  for key in ("b1", "b2"):
+    if not 0.0 <= betas[key] < 1.0:
+      raise ConfigError(f"optimizer.{key}={betas[key]}: a moment decay must be in [0, 1)")
   parts = []
   if float(opt.grad_clip) > 0:
     parts.append(optax.clip_by_global_norm(float(opt.grad_clip)))
   if opt.name == "adam":
     if wd:
       parts.append(optax.add_decayed_weights(wd))
-    parts.append(optax.adam(profile))
+    parts.append(optax.adam(profile, **betas))
   elif opt.name == "adamw":
-    parts.append(optax.adamw(profile, weight_decay=wd))
+    parts.append(optax.adamw(profile, weight_decay=wd, **betas))
   elif opt.name == "sgd":
     momentum = float(opt.get("momentum", 0.9))
     if wd:
