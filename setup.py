@@ -25,6 +25,14 @@ INSTALL_REQUIRES = [
     "jinja2>=3.1",
     "openai>=3.57",
     "jsonschema>=4.20",
+    # Open-vocabulary priors: image descriptions parsed into objects, attributes, relations
+    # (fssjax.priors.scene_graph); Hungarian matching (fssjax.nn.matching).
+    "scipy>=1.11",
+    "spacy>=3.8,<3.9",
+    "SceneGraphParser==0.1.0",
+    # LLaFS polygons (contours) and region tables (SLIC superpixels).
+    "opencv-python-headless>=4.8",
+    "scikit-image>=0.22",
     # launch/: sweeps on Slurm, TPU VMs and local processes.
     "submitit>=1.5",
     "PyYAML>=6",
@@ -38,7 +46,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["fssjax", "fssjax.*", "launch", "launch.*"]),
-    package_data={"fssjax.priors": ["descriptions/*.json"]},
+    package_data={"fssjax.priors": ["descriptions/*.json"],
+                  "fssjax.data": ["class_names/*.txt", "class_names/*.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "respx>=0.23",

@@ -461,6 +461,8 @@ def dense_source(data: ml_collections.ConfigDict) -> DenseSource:
   sets of `fssjax.data.sources` (then the test split, as `SemanticFromFewShot` with a
   background class; `data.max_images` > 0 keeps the first images only).
   """
+  # Registers the open-vocabulary benchmarks (ade20k_150 ... coco_stuff_171).
+  from fssjax.data import dense as _dense  # pylint: disable=g-import-not-at-top,unused-import
   name = str(data.get("dataset", ""))
   if name in DENSE_SOURCES:
     return DENSE_SOURCES[name](data)
