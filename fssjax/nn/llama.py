@@ -46,6 +46,15 @@ Precision: `dtype=jnp.bfloat16` computes in bf16 while parameters stay `param_dt
 `scan_layers=True` runs one layer body under `nn.scan` (compiles once instead of once per
 layer; parameters stacked as `model/layers/...` [layers, ...]: `stack_layers` converts).
 
+LoRA (Hu et al. 2021, PEFT's layout; `fssjax.nn.lora`): `config.lora_rank > 0` wraps the
+dense layers named in `config.lora_targets` (default q_proj, v_proj) in `LoRADense`, adding
+`<proj>/lora_A/kernel` [in, r] and `<proj>/lora_B/kernel` [r, out] next to the frozen kernel
+(scale lora_alpha / r; dropout `lora_dropout` on the LoRA input when the module has
+`deterministic=False` and `apply` gets a 'dropout' rng). With `lora_rank=0` (the default) the
+parameters and outputs are exactly those of the plain decoder. `add_lora_params` (in
+`fssjax.nn.lora`) adds fresh factors to a loaded tree; `fssjax.weights.lora` loads PEFT
+adapters. `resize_token_embeddings` adds vocabulary rows (new special tokens such as `[SEM]`).
+
 Generation: `generate(model, params, ids, mask, max_new_tokens=...)` (prefill + decode, one
 traceable function) or `decode(...)` from a prefilled cache; greedy at temperature 0, softmax
 sampling otherwise; rows stop at any of `stop_ids`.
@@ -63,11 +72,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from fssjax.nn.lora import LORA_NAMES, LoRADense
+
 Array = jax.Array
 Dtype = Any
 Cache = dict
 
 ROPE_TYPES = ("default", "linear", "llama3")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +126,12 @@ class LlamaConfig:
   bos_token_id: Optional[int] = 1
   eos_token_id: Any = 2
   pad_token_id: Optional[int] = None
+  # LoRA (not transformers fields; see fssjax.nn.lora): rank 0 = off, no LoRA parameters.
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple = ("q_proj", "v_proj")
+  lora_use_rslora: bool = False
 
   @property
   def kv_heads(self) -> int:
@@ -139,6 +157,13 @@ class LlamaConfig:
     if self.rope_scaling.rope_type not in ROPE_TYPES:
       raise ValueError(f"{where}: rope scaling type {self.rope_scaling.rope_type!r} is not "
                        f"supported; expected one of {ROPE_TYPES}")
+    if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
+      raise ValueError(f"{where}: lora_rank = {self.lora_rank} must be >= 0 and lora_dropout = "
+                       f"{self.lora_dropout} in [0, 1)")
+    bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if self.lora_rank and bad:
+      raise ValueError(f"{where}: lora_targets {bad} are not dense layers of a LLaMA decoder "
+                       f"layer; expected names among {LORA_TARGETS}")
     return self
 
   @classmethod
@@ -235,6 +260,16 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # Modules.
 
 
+def _dense(cfg: LlamaConfig, features: int, name: str, use_bias: bool, dtype, param_dtype,
+           deterministic: bool) -> nn.Module:
+  """nn.Dense, or LoRADense when `name` is one of cfg.lora_targets and cfg.lora_rank > 0."""
+  if cfg.lora_rank and name in cfg.lora_targets:
+    return LoRADense(features, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                     cfg.lora_use_rslora, use_bias=use_bias, deterministic=deterministic,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
 class RMSNorm(nn.Module):
   """weight * x / sqrt(mean(x^2) + eps), statistics in float32 (transformers' LlamaRMSNorm)."""
 
@@ -258,6 +293,7 @@ class LlamaAttention(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array,
@@ -265,8 +301,8 @@ class LlamaAttention(nn.Module):
     cfg = self.config
     b, t, _ = x.shape
     n, g, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.dim_per_head
-    dense = lambda f, name: nn.Dense(f, use_bias=cfg.attention_bias, dtype=self.dtype,  # noqa
-                                     param_dtype=self.param_dtype, name=name)
+    dense = lambda f, name: _dense(cfg, f, name, cfg.attention_bias, self.dtype,  # noqa: E731
+                                   self.param_dtype, self.deterministic)
     q = dense(n * hd, "q_proj")(x).reshape(b, t, n, hd)
     k = dense(g * hd, "k_proj")(x).reshape(b, t, g, hd)
     v = dense(g * hd, "v_proj")(x).reshape(b, t, g, hd)
@@ -280,8 +316,7 @@ class LlamaAttention(nn.Module):
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
                                      implementation=self.implementation)
-    y = nn.Dense(cfg.hidden_size, use_bias=cfg.attention_bias, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="o_proj")(y.reshape(b, t, n * hd))
+    y = dense(cfg.hidden_size, "o_proj")(y.reshape(b, t, n * hd))
     return y, new_kv
 
 
@@ -291,12 +326,13 @@ class LlamaMLP(nn.Module):
   config: LlamaConfig
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    dense = lambda f, name: nn.Dense(f, use_bias=cfg.mlp_bias, dtype=self.dtype,  # noqa: E731
-                                     param_dtype=self.param_dtype, name=name)
+    dense = lambda f, name: _dense(cfg, f, name, cfg.mlp_bias, self.dtype,  # noqa: E731
+                                   self.param_dtype, self.deterministic)
     h = jax.nn.silu(dense(cfg.intermediate_size, "gate_proj")(x))
     h = h * dense(cfg.intermediate_size, "up_proj")(x)
     return dense(cfg.hidden_size, "down_proj")(h)
@@ -309,14 +345,15 @@ class LlamaDecoderLayer(nn.Module):
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
   implementation: Optional[str] = None
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv=None, index=None):
-    cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-    h, new_kv = LlamaAttention(cfg, dt, pdt, self.implementation, name="self_attn")(
+    cfg, dt, pdt, det = self.config, self.dtype, self.param_dtype, self.deterministic
+    h, new_kv = LlamaAttention(cfg, dt, pdt, self.implementation, det, name="self_attn")(
         RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x), cos, sin, mask, kv, index)
     x = x + h
-    x = x + LlamaMLP(cfg, dt, pdt, name="mlp")(
+    x = x + LlamaMLP(cfg, dt, pdt, det, name="mlp")(
         RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x))
     return x, new_kv
 
@@ -330,6 +367,7 @@ class LlamaModel(nn.Module):
   remat: bool = False
   implementation: Optional[str] = None
   scan_layers: bool = False
+  deterministic: bool = True
 
   def setup(self):
     cfg, dt, pdt = self.config, self.dtype, self.param_dtype
@@ -338,11 +376,13 @@ class LlamaModel(nn.Module):
     layer = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
     if self.scan_layers:
       # One layer body under jax.lax.scan: params stacked on a leading [layers] axis.
-      self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+      self.layers = nn.scan(layer, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                            length=cfg.num_hidden_layers)(cfg, dt, pdt, self.implementation)
+                            length=cfg.num_hidden_layers)(cfg, dt, pdt, self.implementation,
+                                                          self.deterministic)
     else:
-      self.layers = [layer(cfg, dt, pdt, self.implementation)  # named layers_{i} by Flax
+      self.layers = [layer(cfg, dt, pdt, self.implementation, self.deterministic)
                      for _ in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt)
 
@@ -386,6 +426,8 @@ class LlamaForCausalLM(nn.Module):
     scan_layers: run the layers as one `nn.scan` body (compiles ~num_layers times faster);
       parameters then live under `model/layers/...` with a leading [num_layers] axis
       (`stack_layers` / `unstack_layers` convert from / to the transformers-named layout).
+    deterministic: no LoRA dropout. With `deterministic=False` and `rngs={'dropout': key}` in
+      `apply`, the LoRA branches drop `config.lora_dropout` of their inputs (training).
   """
 
   config: LlamaConfig
@@ -394,11 +436,12 @@ class LlamaForCausalLM(nn.Module):
   remat: bool = False
   attention_implementation: Optional[str] = None
   scan_layers: bool = False
+  deterministic: bool = True
 
   def setup(self):
     self.config.validate()
     self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat,
-                            self.attention_implementation, self.scan_layers)
+                            self.attention_implementation, self.scan_layers, self.deterministic)
     if not self.config.tie_word_embeddings:
       self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype)
@@ -475,6 +518,54 @@ def unstack_layers(params) -> dict:
   for i in range(n):
     model[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return {**params, "model": model}
+
+
+def resize_token_embeddings(config: LlamaConfig, params, new_vocab_size: int, *,
+                            init: str = "mean", rng: Optional[Array] = None,
+                            std: float = 0.02) -> tuple[LlamaConfig, dict]:
+  """Grows (or shrinks) the vocabulary: rows of `model/embed_tokens/embedding` [V, D] and
+  columns of `lm_head/kernel` [D, V] (transformers' `resize_token_embeddings`).
+
+  New rows are, with init='mean', the mean of the existing rows (transformers' mean
+  resizing, without its random covariance term: deterministic); with init='normal',
+  normal(0, std) draws from `rng` (transformers before 4.46 and LISA / DSV-LFS, which call
+  `resize_token_embeddings(len(tokenizer))` after adding `[SEG]` / `[SEM]`). The existing rows
+  are kept bit for bit. Works on unrolled and `scan_layers` trees (only the embedding and head
+  change). Returns (config with `vocab_size=new_vocab_size`, params).
+
+  Raises:
+    ValueError: new_vocab_size < 1, an unknown `init`, 'normal' without rng, or a tree
+      without `model/embed_tokens/embedding`.
+  """
+  if new_vocab_size < 1 or init not in ("mean", "normal") or (init == "normal" and rng is None):
+    raise ValueError(f"resize_token_embeddings: new_vocab_size = {new_vocab_size} must be >= 1 "
+                     f"and init = {init!r} one of 'mean' or 'normal' (which needs rng)")
+  try:
+    emb = params["model"]["embed_tokens"]["embedding"]
+  except (KeyError, TypeError):
+    raise ValueError("resize_token_embeddings: the parameter tree has no "
+                     "model/embed_tokens/embedding (pass a LlamaForCausalLM tree)") from None
+  old = emb.shape[0]
+  n = new_vocab_size - old
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  k_emb, k_head = jax.random.split(rng)
+
+  def grow(table, key):  # table [V, D]
+    if n <= 0:
+      return table[:new_vocab_size]
+    if init == "mean":
+      rows = jnp.broadcast_to(jnp.mean(jnp.asarray(table, jnp.float32), 0), (n, table.shape[1]))
+    else:
+      rows = std * jax.random.normal(key, (n, table.shape[1]), jnp.float32)
+    return jnp.concatenate([jnp.asarray(table), rows.astype(table.dtype)], 0)
+
+  model = dict(params["model"])
+  model["embed_tokens"] = {**model["embed_tokens"], "embedding": grow(emb, k_emb)}
+  out = {**params, "model": model}
+  if "lm_head" in params:
+    out["lm_head"] = {**params["lm_head"],
+                      "kernel": grow(jnp.asarray(params["lm_head"]["kernel"]).T, k_head).T}
+  return dataclasses.replace(config, vocab_size=new_vocab_size), out
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int,
@@ -587,6 +678,8 @@ def param_spec(path: Sequence[str], shape: Sequence[int], fsdp_size: int,
   """
   if fsdp_size <= 1 or len(shape) < 2 or path[-1] in ("weight", "bias"):
     return P()  # norms and biases (also when stacked by scan_layers)
+  if any(p in LORA_NAMES for p in path):
+    return P()  # LoRA factors: small, replicated
   name = "/".join(path)
   lead = [None] * (len(shape) - 2)  # the stacked [layers] axis of scan_layers params
   order = (1, 0) if name.endswith("embed_tokens/embedding") else (0, 1)
