@@ -201,3 +201,33 @@ def test_local_backend_for_real(tmp_path):
                                  "max_tokens": 8})
   assert rerun.chat(question) == answer and rerun.stats["cache_hits"] == 1
   assert rerun.backend._lm is None  # pylint: disable=protected-access
+
+
+IMAGE_MESSAGES = [{"role": "user", "content": [
+    {"type": "text", "text": "Describe the image."},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+
+
+def test_image_content_parts_reach_the_endpoint_and_the_cache_key(tmp_path, monkeypatch):
+  monkeypatch.setenv(KEY_ENV, SECRET)
+  router = respx.MockRouter(assert_all_called=False)
+  route = router.post(f"{BASE}/chat/completions").mock(
+      return_value=httpx.Response(200, json=completion("A red disk left of a blue square.")))
+  client = make_client(router, tmp_path / "cache")
+  assert client.chat(IMAGE_MESSAGES) == "A red disk left of a blue square."
+  assert json.loads(route.calls[0].request.content)["messages"] == IMAGE_MESSAGES
+  # Another image is another request (the image is part of the cache key).
+  other = [{"role": "user", "content": [IMAGE_MESSAGES[0]["content"][0], {
+      "type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+  client.chat(other)
+  assert route.call_count == 2
+  client.chat(IMAGE_MESSAGES)
+  assert route.call_count == 2  # served from the cache
+  with pytest.raises(ValueError, match="message 0 .* content parts"):
+    client.chat([{"role": "user", "content": [{"type": "audio", "data": "x"}]}])
+
+
+def test_local_backend_refuses_images_with_a_clear_error():
+  backend = llm.LocalBackend(lm=object(), model="SmolLM2")
+  with pytest.raises(LLMError, match=r"local backend \(SmolLM2\): message 0 has content parts"):
+    backend.complete(IMAGE_MESSAGES, llm.Sampling())

@@ -112,17 +112,52 @@ def default_cache_dir() -> str:
   return os.environ.get("FSSJAX_LLM_CACHE") or os.path.join(cache_root(), "llm")
 
 
+def _content_part(part: Any) -> dict | None:
+  """An OpenAI chat content part ({'type': 'text', 'text': str} or {'type': 'image_url',
+  'image_url': {'url': str, ...}}) as plain JSON data, or None when it is not one."""
+  if not isinstance(part, Mapping):
+    return None
+  if part.get("type") == "text" and isinstance(part.get("text"), str):
+    return {"type": "text", "text": part["text"]}
+  if (part.get("type") == "image_url" and isinstance(part.get("image_url"), Mapping)
+      and isinstance(part["image_url"].get("url"), str)):
+    return json.loads(json.dumps({"type": "image_url", "image_url": dict(part["image_url"])}))
+  return None
+
+
 def _check_messages(messages: Messages) -> list[dict]:
+  """Messages as plain JSON data. A content is a string, or (for multimodal endpoints) a
+  non-empty list of OpenAI content parts: text and image_url (e.g. a base64 data URL).
+
+  Raises:
+    ValueError: a message of another form, naming its index.
+  """
   out = []
   for i, m in enumerate(messages):
+    content = m.get("content") if isinstance(m, Mapping) else None
+    if isinstance(content, (list, tuple)) and content:
+      parts = [_content_part(p) for p in content]
+      content = None if any(p is None for p in parts) else parts
     if (not isinstance(m, Mapping) or m.get("role") not in ("system", "user", "assistant")
-        or not isinstance(m.get("content"), str)):
+        or not isinstance(content, (str, list))):
       raise ValueError(f"LLM message {i} is {m!r}; expected a dict with 'role' in system / user "
-                       "/ assistant and a string 'content'")
-    out.append({"role": m["role"], "content": m["content"]})
+                       "/ assistant and a 'content' that is a string or a non-empty list of "
+                       "OpenAI content parts ({'type': 'text', 'text': ...} or {'type': "
+                       "'image_url', 'image_url': {'url': ...}})")
+    out.append({"role": m["role"], "content": content})
   if not out:
     raise ValueError("LLM request with no messages")
   return out
+
+
+def _text_only(messages: Messages, model: str) -> list[dict]:
+  """`messages` unchanged when every content is a string; LLMError when one holds parts."""
+  for i, m in enumerate(messages):
+    if not isinstance(m.get("content"), str):
+      raise LLMError(f"local backend ({model}): message {i} has content parts (images); the "
+                     "local model reads text only. Use an OpenAI-compatible multimodal endpoint "
+                     "(backend 'openai') for image descriptions.")
+  return list(messages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,12 +289,14 @@ class LocalBackend:
     return self._lm
 
   def complete(self, messages: Messages, sampling: Sampling) -> str:
-    return self.lm.chat(list(messages), max_new_tokens=sampling.max_tokens,
+    messages = _text_only(messages, self.model)
+    return self.lm.chat(messages, max_new_tokens=sampling.max_tokens,
                         temperature=sampling.temperature, seed=sampling.seed)
 
   def complete_batch(self, conversations: Sequence[Messages], sampling: Sampling) -> list[str]:
     """Several conversations in one batched decode (`LocalLM.chat_batch`)."""
-    return self.lm.chat_batch([list(m) for m in conversations],
+    conversations = [_text_only(m, self.model) for m in conversations]
+    return self.lm.chat_batch(conversations,
                               max_new_tokens=sampling.max_tokens,
                               temperature=sampling.temperature, seed=sampling.seed)
 
