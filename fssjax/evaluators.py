@@ -33,7 +33,8 @@ ablation `model=dict(eval_prompt_mode='visual')`; unknown keys are refused). Wit
   * `retrieval` (`fssjax.methods.retrieval.make_evaluator`): LLM-guided support retrieval on
     the same queries as `episodic`: true novel-class supports, then supports from base classes
     ranked by each of `rankers` ('random', 'embedding', 'llm'); keys `top_r`, `llm`,
-    `descriptions`, `seed`. The method must implement `image_features`.
+    `descriptions`, `seed`, `similarity` ('foreground' (default): candidate supports scored by
+    their object's features against the query; 'global': whole-image pooled features). The method must implement `image_features`.
 
 A method lists the evaluator types it supports in its class attribute `evaluators` (default
 ('episodic',)); `from_config` refuses a config that asks for another.
@@ -79,7 +80,7 @@ _COMMON_KEYS = ("type", "every", "prefix", "batch_size", "data", "model")
 _KEYS = {"episodic": _COMMON_KEYS + ("num_summary_images",),
          "dense": _COMMON_KEYS,
          "retrieval": _COMMON_KEYS + ("num_summary_images", "rankers", "top_r", "llm",
-                                      "descriptions", "seed")}
+                                      "descriptions", "seed", "similarity")}
 
 # Ignore labels of the open-vocabulary benchmarks (detectron2 / CAT-Seg / SAN registrations):
 # 255 for the 8-bit label maps, 65535 for the 16-bit TIFFs of the large vocabularies.
@@ -463,6 +464,8 @@ def dense_source(data: ml_collections.ConfigDict) -> DenseSource:
   """
   # Registers the open-vocabulary benchmarks (ade20k_150 ... coco_stuff_171).
   from fssjax.data import dense as _dense  # pylint: disable=g-import-not-at-top,unused-import
+  # ... and the embedded benchmark's dense labels (synthetic_dense).
+  from fssjax.data import synthetic_dense as _sd  # pylint: disable=g-import-not-at-top,unused-import
   name = str(data.get("dataset", ""))
   if name in DENSE_SOURCES:
     return DENSE_SOURCES[name](data)

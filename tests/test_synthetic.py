@@ -31,7 +31,8 @@ def _read(path):
 
 def test_layout_and_stamp(tiny_set):
   root, stamp = tiny_set
-  assert sorted(os.listdir(root)) == ["STAMP.json", "annotations", "descriptions.json", "images"]
+  assert sorted(os.listdir(root)) == ["STAMP.json", "annotations", "annotations_detectron2",
+                                      "descriptions.json", "images"]
   assert synthetic.read_stamp(root) == stamp
   assert stamp["version"] == synthetic.VERSION and stamp["seed"] == 3 and stamp["size"] == 64
   assert stamp["counts"]["train"]["images"] == 40 and stamp["counts"]["val"]["images"] == 20

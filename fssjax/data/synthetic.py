@@ -9,6 +9,10 @@ reads real COCO (`fssjax.data.coco`, pycocotools) reads it too:
     images/val/000000.png ...
     annotations/instances_train.json  COCO instances: images, annotations, categories
     annotations/instances_val.json
+    annotations/scenes_{train,val}.json   exact description of every image (objects,
+                                      attributes, relations; `fssjax.data.synthetic_truth`)
+    annotations_detectron2/{train,val}/000000.png   label maps (uint8: category index = id - 1,
+                                      255 = no category), detectron2's semantic layout
     descriptions.json                 the exact description of every category (text + fields)
     STAMP.json                        generator version, seed, sizes, counts; written LAST
 
@@ -25,6 +29,10 @@ bars, elongated ellipses with solid or speckled fill). Later shapes occlude earl
 annotation covers the visible part of its instance only; instances that would be mostly hidden
 or tiny are not drawn at all (so every painted pixel of a category is annotated).
 Annotations are compressed RLE (`pycocotools.mask.encode`, counts as str) with iscrowd=0.
+The label map of an image is the union of its annotations (distractors and background: 255);
+`render_truth` gives every drawn shape's truth (class, painted colours, whole and visible mask,
+depth), from which `fssjax.data.synthetic_truth` writes the label maps and the per-image scene
+descriptions in the same pass (sets made before lack them: `synthetic_truth.ensure_dense`).
 
 Determinism: image `i` of split `s` is drawn from `np.random.default_rng([seed, s, i])`
 (train s=0, val s=1), so the same seed gives byte-identical annotation JSONs (and images) for
@@ -328,6 +336,7 @@ class _Item:
   period: float
   phase: tuple[float, float]
   extra: Any = None  # shape parameters of distractors
+  colour_names: tuple[str, str] = ("", "")  # names in COLOURS of colour_a and colour_b
 
 
 _STAR = np.array([(math.cos(-math.pi / 2 + k * math.pi / 5) * (1.05 if k % 2 == 0 else 0.45),
@@ -514,7 +523,8 @@ def _make_instance(rng: np.random.Generator, cls: int, size: int, bg_mean: np.nd
       cx=rng.uniform(0.1, 0.9) * size, cy=rng.uniform(0.1, 0.9) * size,
       r=diameter / 2, angle=rng.uniform(0, 2 * math.pi),
       colour_a=_jitter(rng, palette[main]), colour_b=_jitter(rng, palette[second]),
-      period=size * rng.uniform(*_TEXTURE_PERIOD), phase=(rng.random(), rng.random()))
+      period=size * rng.uniform(*_TEXTURE_PERIOD), phase=(rng.random(), rng.random()),
+      colour_names=(cat.colours[int(main)], cat.colours[int(second)]))
 
 
 def _make_distractor(rng: np.random.Generator, size: int) -> _Item:
@@ -536,7 +546,7 @@ def _make_distractor(rng: np.random.Generator, size: int) -> _Item:
       cx=rng.uniform(0, 1) * size, cy=rng.uniform(0, 1) * size, r=diameter * size / 2,
       angle=rng.uniform(0, 2 * math.pi),
       colour_a=_jitter(rng, COLOURS[names[a]]), colour_b=_jitter(rng, COLOURS[names[b]]),
-      period=1.0, phase=(0.0, 0.0), extra=extra)
+      period=1.0, phase=(0.0, 0.0), extra=extra, colour_names=(names[a], names[b]))
 
 
 def _layout(rng: np.random.Generator, classes: list[int], size: int, bg_mean: np.ndarray):
@@ -564,6 +574,52 @@ def _visible(masks: list[np.ndarray], keep: list[bool]) -> list[np.ndarray]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class DrawnShape:
+  """The generator's ground truth of one drawn shape (`render_truth`).
+
+  Attributes:
+    cls: 0-based class, or -1 for a distractor (no category).
+    shape: a key of SHAPES (or 'blob' / 'bar' / 'ellipse' for distractors).
+    texture: a key of TEXTURES (or 'solid' / 'speckle' for distractors).
+    colours: the drawn colours' names in COLOURS, main colour first; one name for the solid
+      texture (its second colour is never painted), two otherwise.
+    mask: bool [size, size], the whole shape before occlusion (cut by the image border).
+    visible: bool [size, size], the part not covered by shapes drawn later.
+    depth: drawing order among the image's drawn shapes (0 = drawn first, at the back).
+  """
+
+  cls: int
+  shape: str
+  texture: str
+  colours: tuple[str, ...]
+  mask: np.ndarray
+  visible: np.ndarray
+  depth: int
+
+
+def render_truth(seed: int, split: str, index: int,
+                 size: int = 128) -> tuple[np.ndarray, list[DrawnShape]]:
+  """Renders image `index` of `split` with the generator's full ground truth.
+
+  The same image as `render_image` (same random draws, same pixels).
+
+  Returns:
+    image: uint8 [size, size, 3] RGB.
+    shapes: a `DrawnShape` per drawn shape (category instances and distractors), in drawing
+      order; the instances of `render_image` are the entries with cls >= 0, in the same order.
+  """
+  image, items, masks, keep, vis = _render(seed, split, index, size)
+  shapes = []
+  for i, (it, m, k) in enumerate(zip(items, masks, keep)):
+    if k:
+      colours = it.colour_names[:1] if it.texture == "solid" else tuple(it.colour_names)
+      shapes.append(DrawnShape(cls=int(it.cls), shape=it.shape, texture=it.texture,
+                               colours=tuple(colours), mask=m, visible=vis[i],
+                               depth=len(shapes)))
+  return image, shapes
+
+
 def render_image(seed: int, split: str, index: int, size: int = 128,
                  with_shapes: bool = False):
   """Renders image `index` of `split`.
@@ -580,6 +636,15 @@ def render_image(seed: int, split: str, index: int, size: int = 128,
     shapes (only if `with_shapes`): list of (0-based class or -1 for a distractor, bool
       [size, size] unoccluded mask) of every drawn shape, in drawing order.
   """
+  image, items, masks, keep, vis = _render(seed, split, index, size)
+  instances = [(it.cls, vis[i]) for i, it in enumerate(items) if keep[i] and it.cls >= 0]
+  if with_shapes:
+    return image, instances, [(it.cls, m) for it, m, k in zip(items, masks, keep) if k]
+  return image, instances
+
+
+def _render(seed: int, split: str, index: int, size: int):
+  """(image, items, their masks, kept flags, visible masks) of image `index` of `split`."""
   _check_split(split)
   split_id = SPLITS[split]
   rng = np.random.default_rng([seed, split_id, index])
@@ -627,10 +692,7 @@ def render_image(seed: int, split: str, index: int, size: int = 128,
     crop = img[window]
     img[window] = np.where(m[window][..., None], colour, crop)
   image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-  instances = [(it.cls, vis[i]) for i, it in enumerate(items) if keep[i] and it.cls >= 0]
-  if with_shapes:
-    return image, instances, [(it.cls, m) for it, m, k in zip(items, masks, keep) if k]
-  return image, instances
+  return image, items, masks, keep, vis
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,14 +712,23 @@ def _encode_image(image: np.ndarray, image_format: str) -> bytes:
   return buf.getvalue()
 
 
-def _work(args) -> list[tuple[int, list[tuple[int, dict, int, list[float]]]]]:
-  """Renders and writes a chunk of images; returns their annotations (without ids)."""
-  out_dir, split, indices, size, seed, image_format = args
+def _work(args) -> list[tuple[int, list[tuple[int, dict, int, list[float]]], dict]]:
+  """Renders and writes a chunk of images and their label maps; returns their annotations
+  (without ids) and scene records (`synthetic_truth.image_record`)."""
+  from fssjax.data import synthetic_truth  # pylint: disable=import-outside-toplevel
+  root, split, indices, size, seed, image_format = args
+  out_dir, dense_dir = image_dir(root, split), synthetic_truth.label_dir(root, split)
+  id_base = SPLITS[split] * 10_000_000
   results = []
   for index in indices:
-    image, instances = render_image(seed, split, index, size)
+    image, shapes = render_truth(seed, split, index, size)
+    instances = [(s.cls, s.visible) for s in shapes if s.cls >= 0]
     with open(os.path.join(out_dir, _file_name(index, image_format)), "wb") as f:
       f.write(_encode_image(image, image_format))
+    png, record = synthetic_truth.image_record(shapes, size, index, id_base + index + 1,
+                                               _file_name(index, image_format))
+    with open(os.path.join(dense_dir, record["label_file"]), "wb") as f:
+      f.write(png)
     anns = []
     for cls, m in instances:
       rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
@@ -666,21 +737,23 @@ def _work(args) -> list[tuple[int, list[tuple[int, dict, int, list[float]]]]]:
       bbox = [float(x) for x in mask_utils.toBbox(rle)]
       anns.append((cls + 1, {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]},
                    area, bbox))
-    results.append((index, anns))
+    results.append((index, anns, record))
   return results
 
 
 def _generate_split(root: str, split: str, n: int, size: int, seed: int, image_format: str,
                     workers: int, progress: bool) -> dict[str, Any]:
-  """Writes the images and the instances JSON of one split; returns the COCO dict."""
-  out_dir = image_dir(root, split)
-  os.makedirs(out_dir, exist_ok=True)
+  """Writes the images, label maps, instances JSON and scenes JSON of one split; returns the
+  COCO dict."""
+  from fssjax.data import synthetic_truth  # pylint: disable=import-outside-toplevel
+  os.makedirs(image_dir(root, split), exist_ok=True)
+  os.makedirs(synthetic_truth.label_dir(root, split), exist_ok=True)
   chunk = 50
-  jobs = [(out_dir, split, range(i, min(i + chunk, n)), size, seed, image_format)
+  jobs = [(root, split, range(i, min(i + chunk, n)), size, seed, image_format)
           for i in range(0, n, chunk)]
   split_id = SPLITS[split]
   id_base = split_id * 10_000_000
-  images, annotations = [], []
+  images, annotations, scenes = [], [], []
   t0 = time.time()
   last = [t0]
 
@@ -699,7 +772,8 @@ def _generate_split(root: str, split: str, n: int, size: int, seed: int, image_f
       print(f"  {line}", flush=True)
 
   def consume(results):
-    for index, anns in results:
+    for index, anns, record in results:
+      scenes.append(record)
       image_id = id_base + index + 1
       images.append({"id": image_id, "file_name": _file_name(index, image_format),
                      "width": size, "height": size})
@@ -729,6 +803,7 @@ def _generate_split(root: str, split: str, n: int, size: int, seed: int, image_f
                      for c in categories()],
   }
   utils.atomic_write_json(annotation_file(root, split), coco, separators=(",", ":"))
+  synthetic_truth.write_scenes(root, split, seed, size, scenes)
   return coco
 
 
@@ -838,7 +913,7 @@ def build(out: str, *, force: bool = False, workers: int = 2, progress: bool = F
     if not os.path.isdir(out):
       raise ValueError(f"{out}: exists and is not a directory")
     entries = set(os.listdir(out))
-    ours = {"images", "annotations", "descriptions.json", "STAMP.json"}
+    ours = {"images", "annotations", "annotations_detectron2", "descriptions.json", "STAMP.json"}
     if entries - ours or (stamp is not None and stamp.get("generator") != GENERATOR):
       raise ValueError(f"{out}: exists and is not a synthetic data set (entries "
                        f"{sorted(entries)[:8]}); refusing to replace it")
