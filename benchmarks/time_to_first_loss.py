@@ -10,6 +10,14 @@ loss line (`[1/N] loss ...`, with `--config.train.log_every=1`), so no evaluatio
 set must exist already (the demo generates its synthetic benchmark on first use: run the demo
 once before timing). One JSON line per run: config, run index, cache state, seconds to the
 first loss, the cache's size after the run.
+
+Where a cold start goes (DiffewS demo, measured in-process on the shared 2-core machine, CPU
+seconds): XLA compilation of the train step 44 s, of the shard-first init 28 s (about 500 CPU
+kernels, one per random draw and its transform: LLVM code generation, not HLO passes, is the
+cost), grain worker start-up ~25 s wall. Since 2026-11-30 the trainer (fssjax.train) batches
+the init's random draws by shape (fssjax.batched_rng: same values bit for bit; 28 -> 21 CPU s),
+compiles the train step in a background thread while the variables are initialised, and starts
+the grain workers before both (the first batch's shapes come from `TrainLoader.batch_at`).
 """
 
 from __future__ import annotations

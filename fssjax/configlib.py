@@ -100,7 +100,7 @@ def base_config():
     train.*: global batch size, steps, logging / eval / checkpoint cadence, gradient
       accumulation, compute precision.
     optimizer.*: name (adam | adamw | sgd), lr, schedule (constant | linear | cosine),
-      warm-up, weight decay, gradient clipping.
+      warm-up, weight decay, gradient clipping, Adam's b1 / b2 / eps.
     evals: named evaluators (`fssjax.evaluators`; empty: the episodic one of `eval`).
     model.trainable: regular expressions over the variable paths that are trained (None: the
       method's published choice, `Method.TRAINABLE`); the method's other keys go in `model`.
@@ -147,6 +147,9 @@ def base_config():
       warmup_steps=0,
       weight_decay=0.0,
       grad_clip=0.0,
+      b1=0.9,  # Adam / AdamW moment decays and epsilon (PyTorch's defaults)
+      b2=0.999,
+      eps=1e-8,
   ))
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
@@ -183,3 +186,30 @@ def unknown_key_message(key: str, config) -> str | None:
           + (f" Nearest valid keys: {', '.join('--config.' + n for n in near[:4])}."
              if near else "")
           + " See every key with --print_config.")
+
+
+def plain(value: Any) -> Any:
+  """`value` (a ConfigDict, dict, list, tuple or leaf) as plain dicts, lists and scalars."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {str(k): plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [plain(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return str(value)
+
+
+def to_yaml(config) -> str:
+  """The resolved config as plain YAML (`--print_config`): sorted keys, short lists inline,
+  no Python-specific tags (a tuple prints as a list)."""
+  import yaml  # pylint: disable=g-import-not-at-top
+
+  class Dumper(yaml.SafeDumper):
+    pass
+
+  Dumper.add_representer(list, lambda d, v: d.represent_sequence(
+      "tag:yaml.org,2002:seq", v, flow_style=all(not isinstance(x, (dict, list)) for x in v)))
+  return yaml.dump(plain(config), Dumper=Dumper, default_flow_style=False, sort_keys=True,
+                   width=100)

@@ -115,13 +115,15 @@ def check_overrides(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+    raise SystemExit(f"fssjax: unexpected arguments {list(argv[1:])}; every setting is a "
+                     "flag (--config=..., --workdir=..., --config.<key>=value). See --help.")
   config = _CONFIG.value
   if _PRINT.value:
-    print(config)
+    from fssjax import configlib  # pylint: disable=g-import-not-at-top
+    print(configlib.to_yaml(config), end="")
     return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (the run directory)")
+    raise SystemExit(_missing_workdir())
   # On the handler: records of library loggers reach it by propagation, past logger filters.
   logging.get_absl_handler().addFilter(_QuietLibraries())
   from fssjax import sharding  # pylint: disable=g-import-not-at-top
@@ -142,6 +144,13 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"fssjax: {e}\n{_demo_hint()}") from None
   except train.user_errors() as e:
     raise SystemExit(f"fssjax: {e}") from None
+
+
+def _missing_workdir() -> str:
+  """The one line for a run without --workdir (naming the flag and an example)."""
+  spec = flags.FLAGS["config"].config_filename or "configs/hsnet_coco.py:demo"
+  return (f"fssjax: --workdir is required (the run directory for checkpoints and results), "
+          f"e.g. python -m fssjax.main --config={spec} --workdir=runs/demo")
 
 
 def _demo_hint() -> str:

@@ -9,6 +9,10 @@ published weights tensor by tensor -> jitted, sharded train step (state donated,
 `ReportProgress`, traces by `Profile`) -> the evaluators of `config.evals` -> orbax
 checkpoints and results files. Nothing is written to the workdir before the checks pass.
 
+Start-up: the first batch is built in-process for its shapes (`TrainLoader.batch_at`); the
+grain workers start, the train step compiles in a background thread (`PrecompiledStep`) and
+the variables are initialised (`fssjax.batched_rng`: draws batched by shape), all at once.
+
 `frozen` is never differentiated, never in the optimiser state and never checkpointed: it is
 rebuilt from the config and weight files, and a fingerprint in the checkpoint metadata catches
 a mismatch on resume. A checkpoint holds params, optimiser state, step, rng, the grain
@@ -45,6 +49,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fssjax import batched_rng
 from fssjax import checkpointing
 from fssjax import checks
 from fssjax import monitoring
@@ -79,6 +84,7 @@ class Setup:
   state_shardings: PyTree
   frozen_shardings: PyTree
   init_batch: dict[str, np.ndarray]
+  example_batch: dict[str, Any]  # the batch `build_setup` was given (its shapes: the step's)
   init_key: jax.Array
   train_key: jax.Array
 
@@ -118,15 +124,22 @@ def build_setup(config: ml_collections.ConfigDict, method: Method, mesh: jax.sha
                abstract_state=shd.with_shardings(abstract, state_sh),
                abstract_frozen=shd.with_shardings(abstract_frozen, frozen_sh),
                state_shardings=state_sh, frozen_shardings=frozen_sh, init_batch=init_batch,
-               init_key=init_key, train_key=train_key)
+               example_batch=dict(example_batch), init_key=init_key, train_key=train_key)
 
 
 def init_state(setup: Setup) -> tuple[PyTree, PyTree]:
-  """(state, frozen) created shard-first, then the method's published weights loaded."""
+  """(state, frozen) created shard-first, then the method's published weights loaded.
+
+  `method.init` runs through `fssjax.batched_rng.batch_random`: the same values bit for bit,
+  with the random draws of equal shape batched so that XLA compiles one kernel per shape
+  rather than one per parameter (start-up time).
+  """
   method, tx, patterns = setup.method, setup.optimizer.tx, setup.patterns
 
+  init = batched_rng.batch_random(method.init)
+
   def create(init_key, train_key, batch):
-    params, frozen = base.partition(method.init(init_key, batch), patterns)
+    params, frozen = base.partition(init(init_key, batch), patterns)
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                  rng=train_key)
     return state, frozen
@@ -142,8 +155,9 @@ def init_state(setup: Setup) -> tuple[PyTree, PyTree]:
 def init_frozen(setup: Setup) -> PyTree:
   """Only the frozen tree (resume and evaluation, where params come from a checkpoint)."""
   method, patterns = setup.method, setup.patterns
+  init = batched_rng.batch_random(method.init)
   with jax.set_mesh(setup.mesh):
-    frozen = jax.jit(lambda k, b: base.partition(method.init(k, b), patterns)[1],
+    frozen = jax.jit(lambda k, b: base.partition(init(k, b), patterns)[1],
                      out_shardings=setup.frozen_shardings)(setup.init_key, setup.init_batch)
   return method.load_pretrained(None, frozen)[1]
 
@@ -223,17 +237,66 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
 # Data.
 
 
-def train_iterator(config, method: Method, start_step: int):
+def train_loader(config, method: Method, start_step: int):
+  """The process's `fssjax.data.pipeline.TrainLoader` for `method`, from `start_step`."""
   from fssjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   source = sources.build_source(config.data, "train")
   classes = sources.fold_classes_for(config.data, "train", source)
   extra = {k: v for k, v in (("views", method.views()), ("texts", method.texts())) if v}
-  loader = pipeline.train_loader(
+  return pipeline.train_loader(
       config, source, classes, normalization=method.normalization, seed=int(config.seed),
       global_batch_size=int(config.train.batch_size), process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=int(config.data.workers),
       start_step=int(start_step), **extra)
-  return iter(loader)
+
+
+def train_iterator(config, method: Method, start_step: int):
+  return iter(train_loader(config, method, start_step))
+
+
+class PrecompiledStep:
+  """The train step, compiled ahead of time in a background thread for the first batch's
+  shapes while the variables are initialised (start-up: init and step compilation overlap).
+
+  Calls with that batch signature use the precompiled executable; any other signature (a
+  different K with `data.train_shot_max`) goes through the jitted step as usual. A failed
+  background compilation falls back to the jitted step, which then raises the error itself.
+  """
+
+  def __init__(self, train_step, setup: Setup, local_batch: Mapping[str, Any]):
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    self._step = train_step
+    mesh = setup.mesh
+    data_sh = shd.data_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + tuple(v.shape[1:]),
+                                     v.dtype, sharding=data_sh)
+             for k, v in local_batch.items()
+             if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) > 0}
+    self._signature = self._sig(batch)
+    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(mesh))
+
+    def compile_step():
+      with jax.set_mesh(mesh):
+        return train_step.lower(setup.abstract_state, setup.abstract_frozen, batch,
+                                lr).compile()
+
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_step")
+    self._future = self._pool.submit(compile_step)
+    self._pool.shutdown(wait=False)
+
+  @staticmethod
+  def _sig(batch) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+  def __call__(self, state, frozen, batch, base_lr):
+    if self._future is not None and self._sig(batch) == self._signature:
+      try:
+        compiled = self._future.result()
+      except Exception:  # pylint: disable=broad-except
+        self._future = None
+      else:
+        return compiled(state, frozen, batch, base_lr)
+    return self._step(state, frozen, batch, base_lr)
 
 
 def _final(out: dict, workdir: str, name: str, summary: str, lead: bool) -> dict:
@@ -295,24 +358,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if start_step == num_steps:
     return _finished_run(config, method, mesh, workdir, ckpt_dir, meta)
   suite = evaluators.from_config(config, method, mesh)  # indexes the test data
-  it = train_iterator(config, method, start_step)
-  first_batch = next(it)
-  setup = build_setup(config, method, mesh, first_batch)
+  loader = train_loader(config, method, start_step)
+  # The first batch, built here only for its shapes: the grain workers start (seconds of
+  # imports) while the variables are initialised and the train step compiles.
+  setup = build_setup(config, method, mesh, loader.batch_at(start_step))
+  it = iter(loader)
+  if latest is None:
+    it.start_prefetch()  # a restore sets the iterator's state (and restarts it) below
   # Everything checked: from here on the run writes.
   if lead:
     utils.atomic_write_bytes(os.path.join(workdir, "config.json"), config_json(config).encode())
   writer = monitoring.create_writer(workdir, lead=lead)
   ckpt = checkpointing.Checkpointer(ckpt_dir, keep=int(t.keep_checkpoints))
   try:
+    train_step = PrecompiledStep(make_train_step(setup, int(t.grad_accum)), setup,
+                                 setup.example_batch)
     if latest is None:
       state, frozen = init_state(setup)
-      pending_first = first_batch
     else:
       state, _ = ckpt.restore(latest, setup.abstract_state, data_iterator=it)
-      # set_state rewinds the iterator; without a saved state it stays one batch ahead.
-      pending_first = None if ckpt.last_restore_data_state else first_batch
       frozen = init_frozen(setup)
       _check_frozen(meta, frozen)
+      it.start_prefetch()
       logging.info("Resumed from checkpoint step %d", start_step)
     n_params = checks.log_sizes(config, setup)
     if start_step == 0 and lead:
@@ -321,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     config_sha256=hashlib.sha256(config_json(config).encode()).hexdigest(),
                     frozen_fingerprint=fingerprint(frozen), num_params=n_params,
                     process_count=jax.process_count(), devices=mesh.size)
-    results = _loop(config, setup, state, frozen, it, pending_first, ckpt, writer, suite,
+    results = _loop(config, setup, train_step, state, frozen, it, ckpt, writer, suite,
                     run_meta, workdir, start_step, step_callback)
     ckpt.wait()
     return _report(config, suite, results, workdir, start_step, num_steps, ckpt.directory,
@@ -376,13 +443,12 @@ def _finished_run(config, method, mesh, workdir, ckpt_dir, meta) -> dict:
   return _report(config, suite, results, workdir, num_steps, num_steps, ckpt_dir, lead)
 
 
-def _loop(config, setup: Setup, state, frozen, it, pending_first, ckpt, writer, suite,
+def _loop(config, setup: Setup, train_step, state, frozen, it, ckpt, writer, suite,
           run_meta: dict, workdir: str, start_step: int, step_callback) -> dict | None:
   """Steps start_step + 1 .. num_steps; returns the last evaluation's results (or None)."""
   t, mesh = config.train, setup.mesh
   lead = jax.process_index() == 0
   num_steps = int(t.num_steps)
-  train_step = make_train_step(setup, int(t.grad_accum))
   base_lr = jax.device_put(np.float32(setup.optimizer.base_lr), shd.replicated(mesh))
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=int(t.log_every), every_secs=None)]
@@ -393,8 +459,7 @@ def _loop(config, setup: Setup, state, frozen, it, pending_first, ckpt, writer, 
   pending, window, results = [], [], None
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, num_steps + 1):
-      local = pending_first if pending_first is not None else next(it)
-      pending_first = None
+      local = next(it)
       state, metrics = train_step(state, frozen, shd.global_batch(local, mesh), base_lr)
       pending.append((step, metrics))
       for hook in hooks:

@@ -189,7 +189,8 @@ def main(argv: Sequence[str]) -> int:
       print(f"  {r.name}: {r.overrides} -> {r.workdir}")
     return 0
   logs = os.path.join(workdir, "logs")
-  os.makedirs(workdir, exist_ok=True)
+  if not _DRY_RUN.value:  # a dry run writes nothing
+    os.makedirs(workdir, exist_ok=True)
   if backend == "local":
     outcomes += backends.run_local(todo, logs, max_parallel=_MAX_PARALLEL.value,
                                    timeout_min=_TIMEOUT_MIN.value or 24 * 60)
@@ -220,7 +221,16 @@ def main(argv: Sequence[str]) -> int:
   return 1 if failed else 0
 
 
+_HELPS = {"--help": False, "-h": False, "-?": False, "--helpshort": False, "--helpfull": True}
+
+
 def run_main() -> None:
+  """The entry point. Asking for help prints it and exits 0 (absl's --help exits 1)."""
+  asked = [a for a in sys.argv[1:] if a in _HELPS]
+  if asked:
+    flags.FLAGS.mark_as_parsed()
+    app.usage(shorthelp=not _HELPS[asked[0]], writeto_stdout=True)
+    sys.exit(0)
   app.run(lambda argv: sys.exit(main(argv)))
 
 

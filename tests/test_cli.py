@@ -29,6 +29,9 @@ def runs(tmp_path_factory):
       "warmup": [f"--config={CONFIG}:demo", "--config.train.num_steps=20",
                  f"--workdir={tmp}/warmup"],
       "eval_missing": [f"--config={CONFIG}:demo", "--mode=eval", f"--workdir={tmp}/nothing"],
+      "no_workdir": [f"--config={CONFIG}:demo"],
+      "frozen_random_backbone": [f"--config={CONFIG}:fold=0,root={tmp}/coco",
+                                 f"--workdir={tmp}/frozen_random_backbone"],
   }
   procs = {k: subprocess.Popen([sys.executable, "-m", "fssjax.main", *a], env=env, cwd=tmp,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -56,6 +59,29 @@ def test_print_config_prints_the_resolved_config(runs):
   rc, stdout, stderr = out["print"]
   assert rc == 0, stderr[-2000:]
   assert "lr: 0.01" in stdout and "dataset: synthetic" in stdout
+  # Plain YAML: tuples print as lists, without Python tags.
+  assert "!!python" not in stdout
+  assert "trainable: [params/learner/.*, params/backbone/.*]" in stdout
+  assert "learner_channels: [16, 64, 128]" in stdout
+
+
+def test_missing_workdir_is_one_line_naming_the_flag_and_an_example(runs):
+  _, out = runs
+  rc, stdout, stderr = out["no_workdir"]
+  assert rc == 1
+  assert stderr.strip().splitlines() == [
+      "fssjax: --workdir is required (the run directory for checkpoints and results), e.g. "
+      f"python -m fssjax.main --config={CONFIG}:demo --workdir=runs/demo"], stderr[-2000:]
+  assert stdout == ""
+
+
+def test_hsnet_with_a_frozen_random_backbone_stops_naming_the_weights_and_the_demo(runs):
+  tmp, out = runs
+  rc, _, stderr = out["frozen_random_backbone"]
+  assert rc == 1 and "Traceback" not in stderr, stderr[-2000:]
+  assert "model.backbone_weights is empty, but the resnet50 backbone is frozen" in stderr
+  assert f"--config={CONFIG}:demo --workdir=runs/demo" in stderr
+  assert not os.path.exists(os.path.join(tmp, "frozen_random_backbone"))
 
 
 def test_unknown_key_names_the_path_and_the_nearest_keys(runs):

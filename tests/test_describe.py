@@ -4,6 +4,7 @@ the client and its cache (mocked endpoint, tests/llm_mock.py), and the shipped f
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -106,3 +107,17 @@ def test_clean_description():
       '  "A laptop is flat.\n It is grey. It is grey. It has a') == "A laptop is flat. It is grey."
   assert describe.clean_description("one two three four one two three four") == (
       "one two three four")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset=synthetic", "--root={tmp}/absent"], "{tmp}/absent: no descriptions.json"),
+    (["--dataset=coco", "--classes=personn", "--offline"],
+     "classes ['personn'] are not coco class names"),
+])
+def test_user_errors_are_one_paragraph(tmp_path, capsys, argv, message):
+  argv = [a.format(tmp=tmp_path) for a in argv] + [f"--out={tmp_path}/out.json"]
+  assert describe.main(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("python -m fssjax.priors.describe: " + message.format(tmp=tmp_path))
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / "out.json")

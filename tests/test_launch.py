@@ -465,6 +465,25 @@ def test_slurm_array_submission_script(tiny_config, tmp_path):
     assert [p["job_id"] for p in json.load(f)["points"]] == ["4242_0", "4242_1"]
 
 
+def test_help_exits_zero():
+  proc = subprocess.run([sys.executable, "-m", "launch.run", "--help"], capture_output=True,
+                        text=True, cwd=REPO, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--backend" in proc.stdout and "--dry_run" in proc.stdout
+
+
+def test_tpu_vm_dry_run_writes_nothing(tiny_config, tmp_path):
+  workdir = tmp_path / "never"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.run", f"--config={tiny_config}", "--sweep",
+       "--backend=tpu_vm", f"--workdir={workdir}", "--tpu_name=t", "--tpu_zone=z",
+       "--dry_run"], capture_output=True, text=True, cwd=REPO, env=_env(str(tmp_path)),
+      timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.count("gcloud compute tpus tpu-vm ssh t") == 2, proc.stdout
+  assert not workdir.exists()
+
+
 def test_tpu_vm_dry_run_command(e2e):
   env = _env(e2e["tmp"])
   proc = subprocess.run(

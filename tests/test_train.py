@@ -155,6 +155,32 @@ def test_grad_accumulation_equals_full_batch():
   assert out[1][0][2] < out[1][0][0]  # it trains
 
 
+def test_step_compiled_during_init_is_the_jitted_step():
+  """The trainer compiles the train step in a background thread while it initialises the
+  variables (start-up time); that executable gives the jitted step's results, and a batch of
+  other shapes (another K) goes through the jitted step."""
+  config = configlib.base_config()
+  config.train.batch_size = 8
+  rng = np.random.default_rng(1)
+  batch = {"query_image": rng.normal(size=(8, 4, 4, 3)).astype(np.float32),
+           "query_mask": rng.integers(0, 2, size=(8, 4, 4)).astype(np.uint8)}
+  mesh = shd.make_mesh()
+  setup = train.build_setup(config, _Linear(config), mesh, batch)
+  pre = train.PrecompiledStep(train.make_train_step(setup), setup, setup.example_batch)
+  jitted = train.make_train_step(setup)
+  lr = jax.device_put(np.float32(setup.optimizer.base_lr), shd.replicated(mesh))
+  (s1, f1), (s2, f2) = train.init_state(setup), train.init_state(setup)
+  s1, m1 = pre(s1, f1, shd.global_batch(batch, mesh), lr)
+  s2, m2 = jitted(s2, f2, shd.global_batch(batch, mesh), lr)
+  assert pre._future is not None and pre._future.exception() is None  # it was used
+  assert float(m1["loss"]) == float(m2["loss"])
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  other = {k: np.concatenate([v, v], axis=1) for k, v in batch.items()}  # 8 x 4 pixels
+  s1, m3 = pre(s1, f1, shd.global_batch(other, mesh), lr)
+  assert int(s1["step"]) == 2 and np.isfinite(float(m3["loss"]))
+
+
 def test_check_config_errors():
   mesh = shd.make_mesh()
   c = configlib.base_config()
@@ -521,6 +547,17 @@ def test_cli_eval_mode_restores_the_best_checkpoint(runs):
   # The evaluated config travels in the results file (fssjax.results), not beside it.
   (record,) = [json.load(open(p)) for p in glob.glob(os.path.join(a, "results", "eval_*.json"))]
   assert record["mode"] == "eval" and record["config"]
+
+
+def test_start_up_checkpoints_and_evaluation_are_quiet(runs):
+  """Issue 8: no one-line hyperparameter dump, no orbax lines on every checkpoint or
+  evaluation, no libtpu probing line (S2 trains, checkpoints and evaluates; S5 evaluates)."""
+  for log in (runs["s2_log"], runs["s5_log"]):
+    lines = log.splitlines()
+    assert not [l for l in lines if "Hyperparameters" in l or "hparams" in l.lower()], log[-3000:]
+    assert not [l for l in lines if "orbax" in l.lower()], log[-3000:]
+    assert not [l for l in lines if "libtpu" in l.lower() or "backend 'tpu'" in l], log[-3000:]
+  assert "loss" in runs["s2_log"] and "Final (step 6)" in runs["s2_log"]
 
 
 def test_rerunning_a_finished_run_says_so_and_exits_zero(runs):

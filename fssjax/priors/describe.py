@@ -272,6 +272,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--root", default="", help="synthetic: benchmark directory")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  from fssjax.data.base import DataError  # pylint: disable=g-import-not-at-top
+  from fssjax.priors.llm import LLMError  # pylint: disable=g-import-not-at-top
+  try:
+    return _run(args)
+  except (ValueError, TypeError, OSError, LLMError, DataError) as e:
+    # A user mistake (a class name, a backend setting, a path, a cache miss): one paragraph.
+    print(f"{parser.prog}: {e}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+  """The command once its arguments are parsed (`main`)."""
   if args.dataset == "synthetic":
     doc = describe_synthetic(args.root or None)
     doc["command"] = "python -m fssjax.priors.describe --dataset=synthetic"
