@@ -251,7 +251,8 @@ class Method(abc.ABC):
     evaluators: the `config.evals` types the method supports ('episodic'; 'dense' needs
       `predict_dense(params, frozen, batch, class_names) -> [B, h, w, C]` logits, see
       `fssjax.evaluators.DenseMethod`; 'retrieval' needs `image_features(params, frozen,
-      images [N,H,W,3]) -> [N, D]`, see `fssjax.methods.retrieval`).
+      images [N,H,W,3]) -> [N, h, w, C]` feature maps (or pooled [N, D]; then only
+      `similarity='global'`), see `fssjax.methods.retrieval`).
   """
 
   MODEL_DEFAULTS: Mapping[str, Any] = {}

@@ -34,6 +34,7 @@ Support masks: pixels equal to 1 are foreground; 0 and 255 are background for th
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 from absl import logging
@@ -158,6 +159,18 @@ class HSNet(Method):
     if path and not os.path.isfile(path):
       return [f"model.backbone_weights = {path!r}: no such file ({os.path.abspath(path)}); "
               "expected a torchvision ImageNet state dict saved as safetensors"]
+    trainable = config.model.get("trainable", None) or cls.TRAINABLE
+    trainable = [trainable] if isinstance(trainable, str) else list(trainable)
+    backbone = config.model.get("backbone", _DEFAULTS["backbone"])
+    # A frozen random ImageNet backbone (resnet50 / resnet101 / vgg16) is never meant: stop.
+    # (resnet_tiny has no published weights; tests and demos use it from scratch.)
+    if (not path and backbone != "resnet_tiny"
+        and not any(re.fullmatch(str(p), "params/backbone/x") for p in trainable)):
+      return [f"model.backbone_weights is empty, but the {backbone} backbone is frozen "
+              f"(model.trainable = {trainable}): HSNet as published needs ImageNet weights (a "
+              "torchvision state dict saved as safetensors; config argument weights=PATH). To "
+              "train the backbone from scratch instead, add 'params/backbone/.*' to "
+              "model.trainable"]
     return []
 
   # ---------------------------------------------------------------------------------------------
@@ -224,11 +237,22 @@ class HSNet(Method):
     return self.model.apply(self._variables(params, frozen), query_image, support_image, fg)
 
   def image_features(self, params: PyTree, frozen: PyTree, images: jax.Array) -> jax.Array:
-    """Globally average-pooled last backbone tap [N, C] float32 of images [N, H, W, 3]
-    (the visual similarity of LLM-guided support retrieval, `fssjax.methods.retrieval`)."""
+    """Backbone feature maps [N, h, w, C] float32 of images [N, H, W, 3] (normalised as the
+    method's input): the first tap at stride 16 (h = the tap size nearest H / 16; ResNet's
+    first stage-3 tap). The visual similarity of LLM-guided support retrieval
+    (`fssjax.methods.retrieval`) pools these maps itself: over a candidate support's mask,
+    and per location for the query.
+
+    Stride 16 rather than the last tap: on the embedded benchmark the deepest (stride-32)
+    tap of the demo's backbone barely separates objects at all (docs/language.md), and a
+    stride-16 map still has several locations per object, so a support's object can be
+    matched to one object of a query that holds several.
+    """
     feats = self.model.apply(self._variables(params, frozen), images,
                              method=lambda m, x: m.features(x))
-    return jnp.mean(feats[-1].astype(jnp.float32), axis=(1, 2))
+    target = images.shape[1] / 16
+    tap = min(range(len(feats)), key=lambda i: (abs(feats[i].shape[1] - target), i))
+    return feats[tap].astype(jnp.float32)
 
   # ---------------------------------------------------------------------------------------------
   # Training.
