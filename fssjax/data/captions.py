@@ -37,8 +37,18 @@ MIN_COLOUR_SHARE = 0.2
 
 
 def position_word(mask: np.ndarray) -> str:
-  """The 3 x 3 grid cell of the mask's centroid (see the module docstring)."""
+  """The 3 x 3 grid cell of the mask's centroid (see the module docstring).
+
+  Raises:
+    ValueError: a mask that is not [H, W] or has no foreground pixel (no centroid).
+  """
+  mask = np.asarray(mask)
+  if mask.ndim != 2:
+    raise ValueError(f"position_word: mask has shape {mask.shape}; expected [H, W]")
   ys, xs = np.nonzero(mask)
+  if not len(ys):
+    raise ValueError(f"position_word: the {mask.shape[0]} x {mask.shape[1]} mask is empty; an "
+                     "object without pixels has no position")
   h, w = mask.shape
   row = min(int(3 * (ys.mean() + 0.5) / h), 2)
   col = min(int(3 * (xs.mean() + 0.5) / w), 2)

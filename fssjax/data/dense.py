@@ -198,6 +198,8 @@ class DetectronSemSegSource:
         label map without its image.
       ValueError: unknown benchmark or split; a class-name list of the wrong length.
     """
+    if benchmark not in LAYOUTS:
+      raise ValueError(f"Unknown dense benchmark {benchmark!r}; valid: {list(BENCHMARKS)}")
     sub = _split_dir(benchmark, split)
     top = resolve_root(benchmark, root)
     lay = LAYOUTS[benchmark]
@@ -216,8 +218,10 @@ class DetectronSemSegSource:
       if not os.path.isdir(d):
         raise DataError(f"{benchmark}: the {what} folder {d} does not exist.\n"
                         + layout_text(benchmark, root or "<root>"))
-    stems = sorted(f[:-len(lay.label_ext)] for f in os.listdir(self.label_dir)
-                   if f.lower().endswith(lay.label_ext))
+    # Stem -> the label file's own name (its extension may be upper case: '.PNG').
+    label_files = {f[:-len(lay.label_ext)]: f for f in os.listdir(self.label_dir)
+                   if f.lower().endswith(lay.label_ext)}
+    stems = sorted(label_files)
     if not stems:
       raise DataError(f"{benchmark}: no *{lay.label_ext} label maps in {self.label_dir}.\n"
                       + layout_text(benchmark, root or "<root>"))
@@ -235,7 +239,7 @@ class DetectronSemSegSource:
       stems = stems[:int(max_images)]
     self.stems = tuple(stems)
     self._images = {s: images[s] for s in self.stems}
-    self._label_ext = lay.label_ext
+    self._labels = {s: label_files[s] for s in self.stems}
 
   def __len__(self) -> int:
     return len(self.stems)
@@ -244,7 +248,7 @@ class DetectronSemSegSource:
     return os.path.join(self.image_dir, self._images[self.stems[index]])
 
   def label_path(self, index: int) -> str:
-    return os.path.join(self.label_dir, self.stems[index] + self._label_ext)
+    return os.path.join(self.label_dir, self._labels[self.stems[index]])
 
   def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 [H, W, 3] RGB, label int32 [H, W] in [0, C) or ignore_label).
@@ -260,7 +264,7 @@ class DetectronSemSegSource:
       raise DataError(f"{path}: label map is {list(label.shape)} but its image "
                       f"{self.image_path(index)} is {list(image.shape[:2])} (HxW)")
     c = len(self.class_names)
-    bad = (label >= c) & (label != self.ignore_label)
+    bad = ((label < 0) | (label >= c)) & (label != self.ignore_label)
     if bad.any():
       values = np.unique(label[bad])[:8].tolist()
       raise DataError(f"{path}: label values {values} are neither classes 0..{c - 1} of "

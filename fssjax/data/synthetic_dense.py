@@ -102,7 +102,7 @@ class SyntheticDenseSource:
                       "DIR`)")
     self._format = stamp.get("image_format", "png")
     n = int(stamp.get(self.split, 0))
-    self._n = min(n, int(max_images)) if max_images else n
+    self._n = min(n, int(max_images)) if max_images and int(max_images) > 0 else n
     self._scenes: Optional[list] = None
 
   def __len__(self) -> int:

@@ -40,6 +40,7 @@ Choices where the mechanism's description is silent (documented here, configurab
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -358,18 +359,36 @@ def make_evaluator(name: str, config, spec: Mapping[str, Any], *, every: int, pr
     def __init__(self):
       super().__init__(name, config, every=every, prefix=prefix, batch_size=batch_size,
                        num_summary=num_summary, mesh=mesh)
+      # Every setting is checked here, before training starts: a bad one found only when
+      # the evaluator first runs would cost the whole training run.
+      from fssjax.methods.base import ConfigError  # pylint: disable=g-import-not-at-top
       self.rankers = tuple(spec.get("rankers") or RANKERS)
       bad = [r for r in self.rankers if r not in RANKERS]
       if bad:
-        raise ValueError(f"evals.{name}.rankers: unknown {bad}; expected some of {RANKERS}")
-      self.top_r = int(spec.get("top_r") or 3)
+        raise ConfigError(f"evals.{name}.rankers: unknown {bad}; expected some of {RANKERS}")
+      top_r = spec.get("top_r")
+      self.top_r = 3 if top_r is None else int(top_r)
+      if self.top_r < 1:
+        raise ConfigError(f"evals.{name}.top_r={top_r!r}; expected the number of related base "
+                          "classes that give candidate supports, >= 1 (default 3)")
       self.llm = dict(spec.get("llm") or {"backend": "local"})
+      if any(r in ("llm", "llm_score") for r in self.rankers):
+        from fssjax.priors import llm as llm_lib  # pylint: disable=g-import-not-at-top
+        try:  # builds the backend only (no model loaded, nothing sent)
+          client = llm_lib.LLMClient.from_config(self.llm)
+        except ValueError as e:
+          raise ConfigError(f"evals.{name}.llm: {e}") from None
+        key_env = getattr(client.backend, "api_key_env", None)
+        if key_env and not client.offline and not os.environ.get(key_env):
+          logging.warning("evals.%s.llm: the environment variable %s is not set; the %s "
+                          "rankers will fail at evaluation unless every request is cached",
+                          name, key_env, "/".join(r for r in self.rankers if "llm" in r))
       self.descriptions = str(spec.get("descriptions") or "")
       self.seed = int(spec.get("seed") or 0)
       self.similarity = str(spec.get("similarity") or "foreground")
       if self.similarity not in SIMILARITIES:
-        raise ValueError(f"evals.{name}.similarity={self.similarity!r}; expected one of "
-                         f"{SIMILARITIES}")
+        raise ConfigError(f"evals.{name}.similarity={self.similarity!r}; expected one of "
+                          f"{SIMILARITIES}")
       self._related: dict[str, Any] | None = None
 
     def related(self) -> dict[str, Any]:

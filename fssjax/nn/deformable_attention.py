@@ -279,7 +279,9 @@ class MSDeformAttn(nn.Module):
       [B, Q, C] (and the weights when asked).
 
     Raises:
-      ValueError: embed_dim not divisible by num_heads; shapes that disagree.
+      ValueError: embed_dim not divisible by num_heads; shapes that disagree (hidden states
+        not [B, Q, C], values not [B, S, C], reference points not [B, Q, L, 2 | 4], a mask
+        not [B, S], spatial shapes not summing to S), each named with the expected shape.
     """
     c, nh, nl, npt = self.embed_dim, self.num_heads, self.n_levels, self.n_points
     if c % nh:
@@ -292,6 +294,26 @@ class MSDeformAttn(nn.Module):
         name=name)
     zeros = nn.initializers.zeros
     xavier = nn.initializers.xavier_uniform()
+    if hidden_states.ndim != 3 or hidden_states.shape[-1] != c:
+      raise ValueError(f"MSDeformAttn: hidden_states has shape {tuple(hidden_states.shape)}; "
+                       f"expected [B, Q, embed_dim={c}]")
+    if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c
+        or encoder_hidden_states.shape[0] != hidden_states.shape[0]):
+      raise ValueError(f"MSDeformAttn: encoder_hidden_states has shape "
+                       f"{tuple(encoder_hidden_states.shape)}; expected [B={hidden_states.shape[0]}"
+                       f", S, embed_dim={c}]")
+    if (reference_points.ndim != 4 or reference_points.shape[-1] not in (2, 4)
+        or tuple(reference_points.shape[:3]) != (hidden_states.shape[0], hidden_states.shape[1],
+                                                 nl)):
+      raise ValueError(f"MSDeformAttn: reference_points has shape "
+                       f"{tuple(reference_points.shape)}; expected [B={hidden_states.shape[0]}, "
+                       f"Q={hidden_states.shape[1]}, L={nl}, 2] (x, y) or [..., 4] "
+                       "(cx, cy, w, h)")
+    if attention_mask is not None and (
+        tuple(attention_mask.shape) != tuple(encoder_hidden_states.shape[:2])):
+      raise ValueError(f"MSDeformAttn: attention_mask has shape {tuple(attention_mask.shape)}; "
+                       f"expected [B, S] = {tuple(encoder_hidden_states.shape[:2])} "
+                       "(True = padding)")
     q = hidden_states if position_embeddings is None else hidden_states + position_embeddings
     b, nq, _ = q.shape
     s = encoder_hidden_states.shape[1]

@@ -192,25 +192,34 @@ class LlavaForConditionalGeneration(nn.Module):
     """Forward pass; see the module docstring.
 
     Raises:
-      ValueError: both pixel_values and image_features, input_ids not [B, T], or (for
-        concrete input_ids) an image-token count other than N_img * P.
+      ValueError: both pixel_values and image_features, input_ids not integer [B, T],
+        image_features not [N_img, P, text hidden_size], or (for concrete input_ids) an
+        image-token count other than N_img * P.
     """
     cfg = self.config
     if pixel_values is not None and image_features is not None:
       raise ValueError("pass pixel_values or image_features (already projected), not both")
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [B, T]")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise ValueError(f"input_ids has dtype {input_ids.dtype}; expected integer token ids")
+    if image_features is not None and (image_features.ndim != 3 or
+                                       image_features.shape[-1] != cfg.text.hidden_size):
+      raise ValueError(
+          f"image_features has shape {tuple(image_features.shape)}; expected [N_img, P, "
+          f"{cfg.text.hidden_size}] (features already through the projector, width = the LLM's "
+          "hidden_size; pass pixel_values to run the CLIP tower and projector here)")
     images = pixel_values if pixel_values is not None else image_features
     n_img = 0 if images is None else images.shape[0]
-    n_feat = n_img * (cfg.image_seq_length if image_features is None
-                      else image_features.shape[1])
+    per_image = cfg.image_seq_length if image_features is None else image_features.shape[1]
+    n_feat = n_img * per_image
     if not isinstance(input_ids, jax.core.Tracer):  # checked before any image is encoded
       n_tok = count_image_tokens(input_ids, cfg.image_token_index)
       if n_tok != n_feat:
         raise ValueError(
             f"input_ids hold {n_tok} image tokens (id {cfg.image_token_index}) but the images "
-            f"give {n_feat} features ({n_img} images x {cfg.image_seq_length}); expand each "
-            f"<image> placeholder to {cfg.image_seq_length} tokens (expand_image_tokens) and "
+            f"give {n_feat} features ({n_img} images x {per_image}); expand each "
+            f"<image> placeholder to {per_image} tokens (expand_image_tokens) and "
             "pass one image per placeholder")
     if pixel_values is not None:
       image_features = self.image_features(pixel_values)

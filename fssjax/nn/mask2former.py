@@ -361,10 +361,36 @@ class Mask2FormerTransformerModule(nn.Module):
 
     Returns:
       the decoder's dict (see `MaskedAttentionDecoder`).
+
+    Raises:
+      ValueError: inputs whose count or shapes disagree with the module (the message names
+        the input, its shape and the expected one).
     """
     cfg = self.config
     e = cfg.hidden_dim
+    if mask_features.ndim != 4 or mask_features.shape[-1] != cfg.mask_feature_size:
+      raise ValueError(f"Mask2FormerTransformerModule: mask_features has shape "
+                       f"{tuple(mask_features.shape)}; expected [B, H, W, mask_feature_size="
+                       f"{cfg.mask_feature_size}] (NHWC)")
     b = mask_features.shape[0]
+    if len(multi_scale_features) != NUM_FEATURE_LEVELS:
+      raise ValueError(f"Mask2FormerTransformerModule: {len(multi_scale_features)} "
+                       f"multi-scale feature maps; expected {NUM_FEATURE_LEVELS} (the pixel "
+                       "decoder's, coarsest first)")
+    for i, x in enumerate(multi_scale_features):
+      if x.ndim != 4 or x.shape[0] != b or x.shape[-1] != self.in_features:
+        raise ValueError(f"Mask2FormerTransformerModule: multi-scale feature map {i} has shape "
+                         f"{tuple(x.shape)}; expected [B={b}, h, w, {self.in_features}] (NHWC)")
+    if query_features is not None and tuple(query_features.shape) != (b, cfg.num_queries, e):
+      raise ValueError(f"Mask2FormerTransformerModule: query_features has shape "
+                       f"{tuple(query_features.shape)}; expected [B, num_queries, hidden_dim] = "
+                       f"{(b, cfg.num_queries, e)} (the query positions are learned per query)")
+    if self_attn_bias is not None:
+      want = (b, cfg.num_attention_heads, cfg.num_queries, cfg.num_queries)
+      shape = tuple(self_attn_bias.shape)
+      if len(shape) > 4 or any(d not in (1, w) for d, w in zip(shape[::-1], want[::-1])):
+        raise ValueError(f"Mask2FormerTransformerModule: self_attn_bias has shape {shape}; "
+                         f"expected a shape broadcastable to [B, heads, Q, Q] = {want}")
     level_embed = nn.Embed(NUM_FEATURE_LEVELS, e, name="level_embed")
     feats, pos, sizes = [], [], []
     for i in range(NUM_FEATURE_LEVELS):

@@ -165,11 +165,22 @@ def polygons_to_mask(polygons: Iterable[np.ndarray], height: int, width: int) ->
   """Rasterises polygons (union) with PIL: uint8 {0, 1} [height, width].
 
   Each polygon is [N, 2] (x, y), N >= 1 (a point or segment paints its pixels).
+
+  Raises:
+    ValueError: a polygon that is not [N, 2] (e.g. one [N, 2] array passed instead of a list
+      of them, whose rows would otherwise be drawn as single points).
   """
   img = Image.new("L", (int(width), int(height)), 0)
   draw = ImageDraw.Draw(img)
-  for poly in polygons:
-    pts = [(float(x), float(y)) for x, y in np.asarray(poly).reshape(-1, 2)]
+  if isinstance(polygons, np.ndarray) and polygons.ndim == 2:
+    raise ValueError(f"polygons_to_mask: got one array of shape {polygons.shape}; expected a "
+                     "list of [N, 2] (x, y) polygons (wrap a single polygon in a list)")
+  for k, poly in enumerate(polygons):
+    arr = np.asarray(poly)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+      raise ValueError(f"polygons_to_mask: polygon {k} has shape {arr.shape}; expected [N, 2] "
+                       "(x, y) points")
+    pts = [(float(x), float(y)) for x, y in arr]
     if len(pts) == 1:
       draw.point(pts, fill=1)
     elif len(pts) == 2:
@@ -210,7 +221,7 @@ class ParseResult:
 
 def parse_polygons(text: object, height: int, width: int,
                    num_points: int = NUM_POINTS) -> ParseResult:
-  """Parses an LLM answer into polygons, repairing what it can; never raises.
+  """Parses an LLM answer into polygons, repairing what it can; never raises on the text.
 
   Args:
     text: the answer (anything; a non-string fails with issue 'not a string').
@@ -219,7 +230,13 @@ def parse_polygons(text: object, height: int, width: int,
 
   Returns:
     ParseResult (rules in the module docstring).
+
+  Raises:
+    ValueError: height or width < 1, or num_points < 3 (caller errors, not answer errors).
   """
+  if int(height) < 1 or int(width) < 1 or int(num_points) < 3:
+    raise ValueError(f"parse_polygons: height={height}, width={width}, num_points={num_points}; "
+                     "expected an image of at least 1 x 1 pixel and num_points >= 3")
   issues: list[str] = []
   if not isinstance(text, str):
     return ParseResult([], "failed", ["not a string"])

@@ -66,8 +66,16 @@ _CLIP_SKIP = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|l
 
 
 def _read_json(path: str) -> dict:
+  folder = os.path.dirname(path)
+  if os.path.isfile(folder):
+    raise FileNotFoundError(f"{folder} is a file; expected a model directory holding "
+                            f"{os.path.basename(path)} and the weights (a Hugging Face "
+                            "checkpoint folder, not one of its files)")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"model directory {folder} does not exist (expected a folder "
+                            f"holding {os.path.basename(path)} and the weights)")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"no {os.path.basename(path)} in {os.path.dirname(path)}")
+    raise FileNotFoundError(f"no {os.path.basename(path)} in {folder}")
   try:
     with open(path) as f:
       return json.load(f)
