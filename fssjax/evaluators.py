@@ -801,4 +801,35 @@ def from_config(config: ml_collections.ConfigDict, method, mesh=None, *,
         _ = e.source
     e.method_variant = _method_variant(config, method, name, spec.get("model"))
     evaluators.append(e)
-  return Suite(evaluators, method)
+  suite = Suite(evaluators, method)
+  variants = [e for e in evaluators if e.enabled and e.method_variant is not method]
+  if variants:
+    batch = suite.example_batch()
+    for e in variants:
+      _check_variant_params(e.name, method, e.method_variant, batch)
+  return suite
+
+
+def _check_variant_params(name: str, method, variant, batch: Mapping[str, Any]) -> None:
+  """Refuses an `evals.<name>.model` override that changes the parameters (their paths or
+  shapes): the variant must read the trained params as they are. Abstract (no compute).
+
+  Raises:
+    ConfigError: naming the evaluator and the first differing parameters.
+  """
+  from fssjax.methods.base import ConfigError  # pylint: disable=g-import-not-at-top
+
+  def shapes(m):
+    tree = jax.eval_shape(m.init, jax.random.key(0), batch)
+    return {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  want, got = shapes(method), shapes(variant)
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    shown = "; ".join(f"{k}: trained {want.get(k, 'absent')}, override {got.get(k, 'absent')}"
+                      for k in diff[:3])
+    raise ConfigError(f"evals.{name}.model changes the model's parameters ({len(diff)} differ: "
+                      f"{shown}{' ...' if len(diff) > 3 else ''}). An evaluator's model "
+                      "override may only change inference settings; train a separate run for "
+                      "an architecture change.")

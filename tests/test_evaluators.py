@@ -381,3 +381,36 @@ def test_model_override_builds_a_variant_for_one_evaluator():
   assert ev._method_variant(config, base, "fewshot", None) is base
   with pytest.raises(ValueError, match=r"evals\.visual\.model: unknown model keys \['mdoe'\]"):
     ev._method_variant(config, base, "visual", {"mdoe": "visual"})
+
+
+def test_model_override_that_changes_parameters_is_refused():
+  """An override that would change the trained parameters' shapes is a ConfigError at build
+  time (naming the parameter), one that changes only inference is accepted."""
+  import ml_collections
+  from fssjax import evaluators as ev
+  from fssjax.methods.base import ConfigError, Method
+
+  class Toy(Method):
+    MODEL_DEFAULTS = {"width": 4, "mode": "both"}
+
+    def init(self, rng, batch):
+      return {"params": {"dense": {"kernel": jax.random.normal(
+          rng, (batch["x"].shape[-1], self.opts["width"]))}}}
+
+    def loss(self, params, frozen, batch, rng):  # pragma: no cover
+      raise NotImplementedError
+
+    def predict(self, params, frozen, batch):  # pragma: no cover
+      raise NotImplementedError
+
+  config = ml_collections.ConfigDict(dict(method="toy", model=dict(width=4, mode="both")))
+  base = Toy(config)
+  batch = {"x": np.zeros((1, 3), np.float32)}
+  ev._check_variant_params("visual", base,
+                           ev._method_variant(config, base, "visual", {"mode": "visual"}), batch)
+  wider = ev._method_variant(config, base, "wide", {"width": 8})
+  with pytest.raises(ConfigError, match=r"evals\.wide\.model changes the model's parameters "
+                                        r"\(1 differ: \['params'\]\['dense'\]\['kernel'\]: "
+                                        r"trained \(\(3, 4\), 'float32'\), override "
+                                        r"\(\(3, 8\), 'float32'\)\)"):
+    ev._check_variant_params("wide", base, wider, batch)

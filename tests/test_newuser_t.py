@@ -293,3 +293,20 @@ def test_position_word_of_an_empty_mask():
     captions.position_word(np.zeros((9, 9), bool))
   with pytest.raises(ValueError, match=r"mask has shape \(9, 9, 1\); expected \[H, W\]"):
     captions.position_word(np.zeros((9, 9, 1), bool))
+
+
+def test_truncated_safetensors_names_the_file_and_sizes(tmp_path):
+  """A safetensors file cut short is refused when opened, naming the file and both sizes."""
+  import os
+  import shutil
+  from fssjax.weights import tensors
+  src = os.path.join(os.path.dirname(__file__), "fixtures", "sam", "hf", "model.safetensors")
+  path = tmp_path / "model.safetensors"
+  shutil.copy(src, path)
+  full = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(full - 1000)
+  with pytest.raises(ValueError, match=rf"model.safetensors: truncated safetensors file: its "
+                                       rf"header needs {full} bytes, the file has {full - 1000}"):
+    tensors.TensorFile(str(path))
+  assert tensors.TensorFile(src).keys()  # the intact file opens

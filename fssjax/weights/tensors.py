@@ -56,6 +56,17 @@ class TensorFile:
     self._base = 8 + n
     self._header.pop("__metadata__", None)
     self._map = None
+    # A file cut short (an interrupted download or copy) is named here, not at the first read.
+    try:
+      need = self._base + max((int(v["data_offsets"][1]) for v in self._header.values()),
+                              default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+      raise ValueError(f"{path}: corrupt safetensors header (a tensor entry without "
+                       "'data_offsets')") from None
+    size = os.path.getsize(path)
+    if size < need:
+      raise ValueError(f"{path}: truncated safetensors file: its header needs {need} bytes, "
+                       f"the file has {size} (an interrupted download or copy?)")
 
   def keys(self) -> list[str]:
     return list(self._header)
