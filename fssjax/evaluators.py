@@ -316,6 +316,8 @@ class EpisodicEvaluator(Evaluator):
         total_episodes=len(data.episodes), left_out=data.left_out)
     results.update(evaluator="episodic", name=self.name, prefix=self.prefix,
                    wall_time_s=time.perf_counter() - start, protocol=self.protocol())
+    if hasattr(method, "generation_stats"):  # methods that generate text (LLaFS): parse
+      results["generation"] = method.generation_stats()  # counts, tokens/s
     if writer is not None and step is not None and jax.process_index() == 0:
       monitoring.write_eval(writer, step, results, prefix=self.prefix)
     return results

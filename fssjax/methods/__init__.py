@@ -17,6 +17,9 @@ from fssjax.methods.base import ConfigError, Method
 REGISTRY = {
     "hsnet": "fssjax.methods.hsnet",
     "diffews": "fssjax.methods.diffews",
+    "dsv_lfs": "fssjax.methods.dsv_lfs",
+    "llafs": "fssjax.methods.llafs",
+    "llmformer": "fssjax.methods.llmformer",
 }
 
 

@@ -1,0 +1,1122 @@
+"""LLaFS as an fssjax method (Zhu, Chen, Ji, Ye, Liu: "LLaFS: When Large Language Models Meet
+Few-Shot Segmentation", CVPR 2024; the authors released no code: this is our implementation
+of the paper's description, and every choice the paper leaves open is listed below).
+
+Per episode:
+
+  * a frozen image encoder (the ResNet-50 of the HSNet backbones, `fssjax.nn.resnet`; one
+    tap, `model.feature_tap`) gives a feature map of each image; a Q-Former (BLIP-2 layout,
+    `fssjax.nn.qformer`, transformers `Blip2QFormerModel` names) turns it into
+    `num_query_tokens` visual tokens and a linear layer (`language_projection`) maps them
+    into the LLM's embedding space;
+  * the instruction (`fssjax.priors.instruction`; 'full': the paper's task part, the class
+    attributes, every support as a worked example with its ground-truth polygons, then the
+    query; 'compact': only the worked examples and the query, for CPU token budgets) is
+    tokenised with the visual tokens spliced at its `<support_image>` / `<query_image>`
+    placeholders, in the LLM's chat format;
+  * the LLM (LLaMA family, `fssjax.nn.llama`, under LoRA on `lora_targets`) writes the query
+    mask as 16-point clockwise polygons `((x1,y1),...,(x16,y16))` (`fssjax.priors.polygons`);
+  * the polygons are parsed robustly (malformed / truncated / out-of-range answers are
+    repaired where possible, otherwise counted as failed and scored as an empty mask) and
+    rasterised into the coarse mask; the refinement network (`fssjax.nn.refine`) takes the
+    query image and the coarse mask and outputs the final mask logits.
+
+Loss (training): token cross-entropy on the answer (teacher forcing) x `ce_weight` + the
+refinement loss (BCE + Dice, `refine_loss`) x `refine_weight` on the refinement network's
+output for the coarse mask of the teacher-forced answer (the argmax token at each answer
+position, parsed and rasterised: the model's own coarse mask, without a generation pass).
+
+Prediction: greedy decoding with the KV cache (one prefill of the left-padded prompts with
+the visual tokens spliced, then `fssjax.nn.llama.decode`: a jitted while-loop, batched, at
+most `max_new_tokens`), parse, rasterise, refine. `model.output='coarse'` returns the
+rasterised polygons instead (the coarse mIoU, e.g. as a second evaluator with
+`model=dict(output='coarse')`). Parsing statistics (ok / repaired / failed answers, new
+tokens, decoding speed) are logged after each batch and returned by `generation_stats()`.
+
+Host work inside the jitted functions. Polygons and token ids depend on the masks, so they
+are made on the host inside the traced `loss` / `predict` with `jax.pure_callback`
+(`io_callback` for the counting parse): masks -> polygons -> text -> token ids with
+positions of the visual tokens; generated ids -> text -> parse -> coarse masks.
+
+Sequence layout: prompts are left-padded to `max_prompt_tokens` and the answer (training)
+follows at a fixed offset, right-padded to `max_answer_tokens`, so the logits are computed
+only at the answer positions and generation sees exactly the training layout. A prompt or
+answer that does not fit is cut (prompt: its start; answer: its end, as a truncated answer)
+and counted (`llafs/truncated_*` metrics).
+
+Training stages (paper, Sec. 3.4), `model.stages`:
+  (a) 'align': visual tokens aligned to the LLM on image-caption pairs (LLM frozen, the
+      Q-Former and projection trained; the embedded benchmark's ground-truth captions,
+      `fssjax.data.captions`, for the offline demo);
+  (b) 'curriculum': pretraining on pseudo-samples (`fssjax.data.pseudo_samples`) with the
+      difficulty rising linearly over the steps (support-query foreground shift up,
+      foreground-background contrast down, fewer of the 16 vertices given: 15 -> 0), the same
+      trainable set and loss as (c);
+  (c) few-shot training on the base classes: the generic trainer (`fssjax.train`) with this
+      method's `loss`.
+  (a) and (b) run in `load_pretrained` before (c) starts, each cached in `model.stage_dir`
+  (default ~/.cache/fssjax/llafs, keyed by a hash of every setting they depend on), so a
+  rerun or a resumed run skips finished stages; (c) resumes from the trainer's checkpoints.
+
+Choices where the paper is silent (ours):
+  * coordinates on a grid (`model.grid` G > 0): the LLM reads and writes x, y in [0, G-1],
+    cell = floor(pixel x G / size); parsing maps a cell to its centre. G = 0 writes pixels.
+    Fewer digits per point keep answers short (SmolLM2's tokenizer writes one token per digit);
+  * `max_objects`: at most this many polygons per mask (largest first; 0 = all);
+  * the image features entering the Q-Former carry a 2-D sinusoidal position code
+    (`position_channels`; a ResNet map has none, unlike BLIP-2's ViT) and one region channel:
+    the support's mask for support images; for the query, zeros (`query_prior='none'`, the
+    paper) or the cosine similarity to the support's masked-average feature
+    (`query_prior='prototype'`, PANet / HSNet-style prior; a demo aid for CPU budgets);
+  * the refinement network's coarse input in training (the teacher-forced argmax answer);
+  * K shots: 'joint' (all K worked examples in one instruction, as the paper's in-context
+    part); the stage (a) prompt is the image tokens then the caption; stage (b) prompts give
+    the first m vertices as text after the query (`GIVEN_TEMPLATE`).
+
+Weights: `model.llm` (a transformers LLaMA directory such as CodeLLaMA-7B, a GGUF file, or
+'smollm2' for the offline SmolLM2-135M-Instruct) or random from `model.llm_config`;
+`model.backbone_weights` (torchvision ResNet-50 state dict as safetensors) or random. The
+Q-Former starts from `model.qformer_weights` (a BLIP-2 checkpoint, `load_qformer`) or random.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+from jax.experimental import io_callback
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fssjax.methods import base
+from fssjax.methods.base import ConfigError, Method, PyTree, compute_dtype
+from fssjax.nn import llama as nl
+from fssjax.nn import qformer as qf
+from fssjax.nn import refine as refine_lib
+from fssjax.nn import resnet as resnet_lib
+from fssjax.priors import instruction as ins
+from fssjax.priors import polygons as poly
+
+# Chat formats: (before the user turn, between the user turn and the answer, after the
+# answer, prepend BOS). 'llama2': CodeLLaMA-Instruct / LLaMA-2 chat; 'chatml': SmolLM2 / Qwen;
+# 'plain': no template (base models, tests).
+CONVERSATIONS = {
+    "llama2": ("[INST] ", " [/INST] ", "</s>", True),
+    "chatml": ("<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>",
+               False),
+    "plain": ("", "\nAnswer: ", "\n", False),
+}
+CAPTION_PROMPT = "Describe the image."
+INSTRUCTIONS = ("full", "compact")
+QUERY_PRIORS = ("none", "prototype")
+OUTPUTS = ("refined", "coarse")
+
+_DEFAULTS = dict(
+    backbone="resnet50",
+    backbone_weights="",
+    allow_pickle_weights=False,
+    feature_tap=-1,  # -1: the first tap at stride 16 (HSNet's layer3 start)
+    qformer={},  # QFormerConfig fields (encoder_hidden_size and llm_hidden_size are set here)
+    qformer_weights="",
+    num_query_tokens=32,
+    position_channels=32,
+    query_prior="none",
+    llm="",
+    llm_config={},
+    tokenizer="",
+    conversation="llama2",
+    lora_rank=8,
+    lora_alpha=16.0,
+    lora_dropout=0.05,
+    lora_targets=("q_proj", "v_proj"),
+    num_points=poly.NUM_POINTS,
+    grid=0,
+    max_objects=0,
+    instruction="full",
+    class_names=(),  # () = the data set's (synthetic, COCO-20i, PASCAL-5i); else "object"
+    max_prompt_tokens=1024,
+    max_answer_tokens=256,
+    max_new_tokens=0,  # 0: max_answer_tokens
+    refine_width=32,
+    ce_weight=1.0,
+    refine_weight=1.0,
+    output="refined",
+    stages={},  # {'align': {steps, batch, lr}, 'curriculum': {steps, batch, lr}}
+    stage_dir="",
+    remat=False,
+    dtype="",
+)
+
+_TRAINABLE = (
+    r"params/qformer/.*",
+    r"params/llm/.*lora_(A|B)/.*",
+    r"params/refine/.*",
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Polygons on the coordinate grid.
+
+
+def to_grid(polygons: Sequence[np.ndarray], size: tuple, grid: int) -> list:
+  """Pixel polygons [N, 2] (x, y) -> grid cells floor(p x G / size) (unchanged for G = 0)."""
+  if grid <= 0:
+    return [np.asarray(p, np.int32) for p in polygons]
+  h, w = size
+  out = []
+  for p in polygons:
+    p = np.asarray(p, np.float64)
+    q = np.stack([np.floor(p[:, 0] * grid / w), np.floor(p[:, 1] * grid / h)], -1)
+    out.append(np.clip(q, 0, grid - 1).astype(np.int32))
+  return out
+
+
+def from_grid(polygons: Sequence[np.ndarray], size: tuple, grid: int) -> list:
+  """Grid cells -> pixel coordinates of the cell centres (float; unchanged for G = 0)."""
+  if grid <= 0:
+    return [np.asarray(p, np.float64) for p in polygons]
+  h, w = size
+  return [np.stack([(np.asarray(p)[:, 0] + 0.5) * w / grid - 0.5,
+                    (np.asarray(p)[:, 1] + 0.5) * h / grid - 0.5], -1) for p in polygons]
+
+
+def mask_polygon_text(mask: np.ndarray, *, num_points: int, grid: int, max_objects: int
+                      ) -> tuple[str, list]:
+  """(answer text, grid polygons) of a mask (255 counts as background)."""
+  m = np.asarray(mask) == 1
+  polys = poly.mask_to_polygons(m, num_points, max_objects=max_objects or None)
+  g = to_grid(polys, m.shape, grid)
+  return poly.format_polygons(g), g
+
+
+def rasterise_answer(text: str, size: tuple, *, num_points: int, grid: int
+                     ) -> tuple[np.ndarray, poly.ParseResult]:
+  """(coarse uint8 [H, W], ParseResult) of an answer: parsed on the grid (or the image),
+  rasterised at `size`."""
+  h, w = size
+  gh, gw = (grid, grid) if grid > 0 else (h, w)
+  res = poly.parse_polygons(text, gh, gw, num_points)
+  return poly.polygons_to_mask(from_grid(res.polygons, size, grid), h, w), res
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts: token ids with the visual-token positions.
+
+
+@dataclasses.dataclass
+class Encoded:
+  """One sequence of the fixed layout (see the module docstring); all int32 [T]."""
+
+  ids: np.ndarray
+  visual: np.ndarray  # index into the episode's visual tokens, -1 for text
+  labels: np.ndarray  # next-token target at each position, -1 where not trained
+  mask: np.ndarray  # 1 on tokens
+  truncated_prompt: bool = False
+  truncated_answer: bool = False
+
+
+class PromptCodec:
+  """Instruction -> token ids in the fixed layout, and generated ids -> text.
+
+  Visual tokens of an episode are numbered support 0 (Q tokens), ..., support K-1, then the
+  query (Q tokens): index k * Q + j. Captions (stage a) use the query slot only.
+  """
+
+  def __init__(self, tokenizer, *, num_query_tokens: int, conversation: str,
+               instruction: str, num_points: int, grid: int, max_objects: int,
+               max_prompt_tokens: int, max_answer_tokens: int,
+               class_names: Sequence[str] = ()):
+    if conversation not in CONVERSATIONS:
+      raise ConfigError(f"config.model.conversation={conversation!r}; expected one of "
+                        f"{sorted(CONVERSATIONS)}")
+    if instruction not in INSTRUCTIONS:
+      raise ConfigError(f"config.model.instruction={instruction!r}; expected one of "
+                        f"{list(INSTRUCTIONS)}")
+    self.tok = tokenizer
+    self.q = int(num_query_tokens)
+    self.before, self.between, self.after, self.bos = CONVERSATIONS[conversation]
+    self.instruction = instruction
+    self.num_points, self.grid, self.max_objects = int(num_points), int(grid), int(max_objects)
+    self.tp, self.ta = int(max_prompt_tokens), int(max_answer_tokens)
+    self.class_names = list(class_names)
+    self.pad_id = int(tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    self._cache: dict[str, list] = {}
+    self._lock = threading.RLock()
+
+  def encode(self, text: str) -> list:
+    with self._lock:  # one tokenizer call at a time (host callbacks run on other threads)
+      if text not in self._cache:
+        if len(self._cache) > 50_000:
+          self._cache.clear()
+        self._cache[text] = [int(i) for i in self.tok.encode(text, add_special_tokens=False)]
+      return self._cache[text]
+
+  def _name(self, class_id: int) -> str:
+    if 0 <= class_id < len(self.class_names):
+      return str(self.class_names[class_id])
+    return "object"
+
+  def _size(self, size: tuple) -> tuple:
+    return (self.grid, self.grid) if self.grid > 0 else tuple(size)
+
+  def episode_parts(self, support_masks: Sequence[np.ndarray], class_id: int = -1,
+                    given: Optional[np.ndarray] = None) -> list:
+    """The user turn as text and Placeholders (supports' polygons from their masks)."""
+    sups = []
+    for m in support_masks:
+      _, g = mask_polygon_text(m, num_points=self.num_points, grid=self.grid,
+                               max_objects=self.max_objects)
+      sups.append(ins.SupportExample(size=self._size(np.shape(m)), polygons=g))
+    size = self._size(np.shape(support_masks[0]))
+    if self.instruction == "full":
+      built = ins.build_instruction(self._name(class_id), [], sups, size,
+                                    given_points=given, num_points=self.num_points)
+      parts = list(built.parts)
+    else:
+      parts = []
+      for k, s in enumerate(sups):
+        parts += [ins.Placeholder("support_image", shot=k), poly.format_polygons(s.polygons)]
+      parts.append(ins.Placeholder("query_image"))
+      if given is not None and len(given):
+        parts.append(" " + poly.format_polygon(np.asarray(given).reshape(-1, 2))[:-1])
+    return parts
+
+  def _prompt_ids(self, parts: Sequence, shots: int) -> tuple[list, list]:
+    ids: list = [int(self.tok.bos_id)] if (self.bos and self.tok.bos_id is not None) else []
+    vis: list = [-1] * len(ids)
+    for p in [self.before] + list(parts) + [self.between]:
+      if isinstance(p, ins.Placeholder):
+        k = p.shot if p.kind == "support_image" else shots
+        ids += [self.pad_id] * self.q
+        vis += [k * self.q + j for j in range(self.q)]
+      elif p:
+        t = self.encode(p)
+        ids += t
+        vis += [-1] * len(t)
+    return ids, vis
+
+  def answer_ids(self, answer: str) -> list:
+    out = self.encode(answer)
+    if self.after == "</s>":
+      return out + [int(self.tok.eos_id)]
+    return out + (self.encode(self.after) if self.after else [])
+
+  def layout(self, parts: Sequence, shots: int, answer: Optional[str]) -> Encoded:
+    """The fixed layout: prompt left-padded to max_prompt_tokens, the answer (if given)
+    after it, right-padded to max_answer_tokens (labels on the answer tokens)."""
+    p_ids, p_vis = self._prompt_ids(parts, shots)
+    cut_p = len(p_ids) > self.tp
+    if cut_p:
+      p_ids, p_vis = p_ids[-self.tp:], p_vis[-self.tp:]
+    ta = self.ta if answer is not None else 0
+    t = self.tp + ta
+    ids = np.full(t, self.pad_id, np.int32)
+    vis = np.full(t, -1, np.int32)
+    labels = np.full(t, -1, np.int32)
+    mask = np.zeros(t, np.int32)
+    s = self.tp - len(p_ids)
+    ids[s:self.tp] = p_ids
+    vis[s:self.tp] = p_vis
+    mask[s:self.tp] = 1
+    cut_a = False
+    if answer is not None:
+      a = self.answer_ids(answer)
+      cut_a = len(a) > ta
+      a = a[:ta]
+      ids[self.tp:self.tp + len(a)] = a
+      mask[self.tp:self.tp + len(a)] = 1
+      labels[self.tp - 1:self.tp - 1 + len(a)] = a  # position i predicts token i + 1
+    return Encoded(ids, vis, labels, mask, cut_p, cut_a)
+
+  def episode(self, support_masks, query_mask=None, class_id: int = -1, given=None) -> Encoded:
+    parts = self.episode_parts(support_masks, class_id, given)
+    answer = None
+    if query_mask is not None:
+      answer, _ = mask_polygon_text(query_mask, num_points=self.num_points, grid=self.grid,
+                                    max_objects=self.max_objects)
+    return self.layout(parts, len(support_masks), answer)
+
+  def caption(self, caption: str, shots: int) -> Encoded:
+    """Stage (a): the query image's tokens, then the caption as the answer."""
+    return self.layout([ins.Placeholder("query_image"), " " + CAPTION_PROMPT], shots, caption)
+
+  def answer_text(self, ids: Sequence[int]) -> str:
+    with self._lock:
+      return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def stack(encs: Sequence[Encoded]) -> dict:
+  return dict(ids=np.stack([e.ids for e in encs]), visual=np.stack([e.visual for e in encs]),
+              labels=np.stack([e.labels for e in encs]), mask=np.stack([e.mask for e in encs]),
+              truncated=np.asarray([[e.truncated_prompt, e.truncated_answer] for e in encs],
+                                   np.int32))
+
+
+# ----------------------------------------------------------------------------------------
+# Small pieces.
+
+
+def position_code(h: int, w: int, channels: int) -> np.ndarray:
+  """2-D sinusoidal position code [h, w, channels] (channels / 4 frequencies per axis;
+  DETR-style, coordinates normalised to [0, 2 pi])."""
+  if channels <= 0:
+    return np.zeros((h, w, 0), np.float32)
+  n = max(channels // 4, 1)
+  freq = 2.0 ** np.arange(n)
+  ys = (np.arange(h) + 0.5) / h * 2 * np.pi
+  xs = (np.arange(w) + 0.5) / w * 2 * np.pi
+  fy = ys[:, None] * freq[None]
+  fx = xs[:, None] * freq[None]
+  code = np.concatenate([
+      np.broadcast_to(np.sin(fy)[:, None], (h, w, n)), np.broadcast_to(np.cos(fy)[:, None], (h, w, n)),
+      np.broadcast_to(np.sin(fx)[None], (h, w, n)), np.broadcast_to(np.cos(fx)[None], (h, w, n))],
+      -1)
+  out = np.zeros((h, w, channels), np.float32)
+  out[..., :min(channels, code.shape[-1])] = code[..., :channels]
+  return out
+
+
+def _area_resize(mask: jax.Array, hw: tuple) -> jax.Array:
+  """[N, H, W] float -> [N, h, w] by average pooling (H, W multiples of h, w) or bilinear."""
+  n, h0, w0 = mask.shape
+  h, w = hw
+  if h0 % h == 0 and w0 % w == 0:
+    return mask.reshape(n, h, h0 // h, w, w0 // w).mean((2, 4))
+  return jax.image.resize(mask, (n, h, w), "bilinear")
+
+
+def _backbone(name: str, dtype) -> resnet_lib.ResNet:
+  if name == "resnet50":
+    return resnet_lib.resnet50(dtype)
+  if name == "resnet101":
+    return resnet_lib.resnet101(dtype)
+  if name == "resnet_tiny":
+    return resnet_lib.resnet_tiny(dtype)
+  raise ConfigError(f"config.model.backbone={name!r}; expected resnet50, resnet101 or "
+                    "resnet_tiny")
+
+
+# ----------------------------------------------------------------------------------------
+# The method.
+
+
+class LLaFS(Method):
+  """LLaFS behind the fssjax Method interface (see the module docstring)."""
+
+  MODEL_DEFAULTS = _DEFAULTS
+  TRAINABLE = _TRAINABLE
+  kshot = "joint"
+  threshold = 0.0
+  normalization = "imagenet"
+  align_corners = False
+  interpolation = "nearest"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    m = self.opts
+    for key, allowed in (("query_prior", QUERY_PRIORS), ("output", OUTPUTS),
+                         ("instruction", INSTRUCTIONS), ("conversation", tuple(CONVERSATIONS))):
+      if m[key] not in allowed:
+        raise ConfigError(f"config.model.{key}={m[key]!r}; expected one of {list(allowed)}")
+    if int(m["num_points"]) < 3:
+      raise ConfigError(f"config.model.num_points={m['num_points']}; a polygon needs >= 3")
+    self.dtype = compute_dtype(config)
+    self.backbone = _backbone(str(m["backbone"]), self.dtype)
+    self.llm_config = self._llm_config()
+    self.llm = nl.LlamaForCausalLM(self.llm_config, dtype=self.dtype, remat=bool(m["remat"]),
+                                   scan_layers=True, deterministic=True)
+    self.refine = refine_lib.RefineNet(width=int(m["refine_width"]), dtype=self.dtype)
+    self._codec = None
+    self._qformer_cfg = None
+    self._lock = threading.Lock()
+    self.reset_generation_stats()
+
+  # ---------------------------------------------------------------------------------------
+  # Configuration helpers.
+
+  def _llm_path(self) -> str:
+    path = str(self.opts["llm"])
+    if path == "smollm2":
+      from fssjax.priors.local_lm import smollm2_path  # pylint: disable=import-outside-toplevel
+      return smollm2_path()
+    return path
+
+  def _llm_config(self) -> nl.LlamaConfig:
+    m = self.opts
+    if m["llm"]:
+      from fssjax.weights import llama as wl  # pylint: disable=import-outside-toplevel
+      path = self._llm_path()
+      if path.endswith(".gguf"):
+        cfg = wl.gguf_config(wl.read_gguf(path), path)
+      else:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+          cfg = nl.LlamaConfig.from_hf(json.load(f), os.path.join(path, "config.json"))
+    elif m["llm_config"]:
+      cfg = nl.LlamaConfig.from_hf(dict(m["llm_config"]), "config.model.llm_config")
+    else:
+      raise ConfigError("LLaFS needs an LLM: config.model.llm (a transformers LLaMA directory, "
+                        "a GGUF file or 'smollm2') or config.model.llm_config (a transformers "
+                        "LlamaConfig dict: random weights)")
+    return dataclasses.replace(cfg, lora_rank=int(m["lora_rank"]),
+                               lora_alpha=float(m["lora_alpha"]),
+                               lora_dropout=float(m["lora_dropout"]),
+                               lora_targets=tuple(m["lora_targets"]))
+
+  @property
+  def codec(self) -> PromptCodec:
+    if self._codec is None:
+      from fssjax.priors.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+      m = self.opts
+      spec = m["tokenizer"] or (m["llm"] if m["llm"] == "smollm2" else self._llm_path())
+      if not spec:
+        raise ConfigError("LLaFS: config.model.tokenizer is empty (a tokenizer.json, a "
+                          "tokenizer directory, a GGUF file or 'smollm2')")
+      names = list(m["class_names"] or ())
+      dataset = str(self.config.get("data", {}).get("dataset", ""))
+      if not names and dataset == "synthetic":
+        from fssjax.data import synthetic  # pylint: disable=import-outside-toplevel
+        names = [c.name for c in synthetic.categories()]
+      elif not names and dataset in ("coco20i", "pascal5i"):
+        from fssjax.data import folds  # pylint: disable=import-outside-toplevel
+        names = list(folds.COCO_CLASS_NAMES if dataset == "coco20i" else folds.VOC_CLASS_NAMES)
+      self._codec = PromptCodec(
+          load_tokenizer(spec), num_query_tokens=int(m["num_query_tokens"]),
+          conversation=str(m["conversation"]), instruction=str(m["instruction"]),
+          num_points=int(m["num_points"]), grid=int(m["grid"]),
+          max_objects=int(m["max_objects"]), max_prompt_tokens=int(m["max_prompt_tokens"]),
+          max_answer_tokens=int(m["max_answer_tokens"]), class_names=names)
+    return self._codec
+
+  @property
+  def max_new_tokens(self) -> int:
+    return int(self.opts["max_new_tokens"] or self.opts["max_answer_tokens"])
+
+  @classmethod
+  def missing_inputs(cls, config: ml_collections.ConfigDict) -> list[str]:
+    m = config.get("model", {})
+    out = []
+    if not m.get("llm", "") and not m.get("llm_config", None):
+      out.append("model.llm is empty: LLaFS needs a LLaMA-family LLM, a transformers directory "
+                 "(config.json, *.safetensors, tokenizer.json; the paper's CodeLLaMA-7B: "
+                 "rope_theta 1e6, vocabulary 32016), a .gguf file, or 'smollm2' (pass llm=PATH "
+                 "to configs/llafs_*.py)")
+    for key, what in (("llm", "a transformers LLaMA directory (e.g. CodeLLaMA-7B) or a .gguf "
+                              "file (or 'smollm2')"),
+                      ("tokenizer", "a tokenizer.json / tokenizer directory / .gguf"),
+                      ("backbone_weights", "a torchvision ResNet state dict as safetensors"),
+                      ("qformer_weights", "a BLIP-2 checkpoint directory")):
+      path = str(m.get(key, "") or "")
+      if path and path != "smollm2" and not os.path.exists(path):
+        out.append(f"model.{key} = {path!r}: no such file or directory "
+                   f"({os.path.abspath(path)}); expected {what}")
+    return out
+
+  def qformer_config(self, feature_channels: int) -> qf.QFormerConfig:
+    m = self.opts
+    fields = dict(m["qformer"] or {})
+    fields.update(encoder_hidden_size=int(feature_channels) + 1 + int(m["position_channels"]),
+                  num_query_tokens=int(m["num_query_tokens"]),
+                  llm_hidden_size=self.llm_config.hidden_size)
+    return qf.QFormerConfig(**fields)
+
+  # ---------------------------------------------------------------------------------------
+  # Parameters.
+
+  def _tap(self, feats: Sequence) -> int:
+    t = int(self.opts["feature_tap"])
+    if t >= 0:
+      if t >= len(feats):
+        raise ConfigError(f"config.model.feature_tap={t}; the backbone has {len(feats)} taps")
+      return t
+    n = self.backbone.level_sizes[0]  # the first tap of stage 3 (stride 16)
+    return n
+
+  def _feature_shape(self, size: int) -> tuple:
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    feats = jax.eval_shape(lambda v, x: self.backbone.apply(v, x),
+                           jax.eval_shape(self.backbone.init, jax.random.PRNGKey(0), x), x)
+    return tuple(feats[self._tap(feats)].shape[1:])
+
+  def _shapes(self, size: int) -> dict:
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    bb = jax.eval_shape(self.backbone.init, jax.random.PRNGKey(0), x)
+    fh, fw, c = self._feature_shape(size)
+    self._qformer_cfg = self.qformer_config(c)
+    qshape = jax.eval_shape(qf.QFormerVisualTokens(self._qformer_cfg).init,
+                            jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 1, self._qformer_cfg.encoder_hidden_size),
+                                                 jnp.float32))["params"]
+    lshape = jax.eval_shape(self.llm.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 2), jnp.int32))["params"]
+    rshape = jax.eval_shape(self.refine.init, jax.random.PRNGKey(0), x,
+                            jax.ShapeDtypeStruct((1, size, size), jnp.float32))["params"]
+    out = {"params": {"backbone": bb["params"], "qformer": qshape, "llm": lshape,
+                      "refine": rshape}}
+    if "batch_stats" in bb:
+      out["batch_stats"] = {"backbone": bb["batch_stats"]}
+    return out
+
+  def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> dict:
+    """{'params': {'backbone', 'qformer', 'llm', 'refine'}, 'batch_stats'?: {'backbone'}}.
+
+    Small networks (backbone: torchvision's init; Q-Former: BLIP-2's; refinement net) are
+    initialised with NumPy inside a `jax.pure_callback` (no XLA initialiser compilation); the
+    LLM leaves with traced draws (normal(0, 0.02), norms 1, LoRA A kaiming-uniform, B 0), so
+    a large LLM is created shard by shard where it lives (its weights are then loaded).
+    """
+    size = int(batch["query_image"].shape[1])
+    shapes = self._shapes(size)
+    small = {"params": {k: v for k, v in shapes["params"].items() if k != "llm"}}
+    if "batch_stats" in shapes:
+      small["batch_stats"] = shapes["batch_stats"]
+    key = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    leaves, treedef = jax.tree.flatten(small)
+    qcfg, refine = self._qformer_cfg, self.refine
+
+    def host(bits):
+      from fssjax.methods.hsnet import pytorch_default_init  # pylint: disable=import-outside-toplevel
+      seed = int(np.asarray(bits, np.uint32).ravel()[-1])
+      bb = {c: {"backbone": t["backbone"]} for c, t in small.items() if "backbone" in t}
+      bbv = pytorch_default_init(bb, np.asarray(bits))
+      tree = {"params": {"backbone": bbv["params"]["backbone"],
+                         "qformer": qf.init_params(qcfg, seed),
+                         "refine": refine_lib.init_params(refine, seed + 1,
+                                                          (1, size, size, 3))}}
+      if "batch_stats" in small:
+        tree["batch_stats"] = {"backbone": bbv["batch_stats"]["backbone"]}
+      return [np.asarray(x, np.float32) for x in jax.tree.leaves(tree)]
+
+    values = jax.pure_callback(host, [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in leaves],
+                               key)
+    out = jax.tree.unflatten(treedef, values)
+    out["params"]["llm"] = _init_llm(shapes["params"]["llm"], jax.random.fold_in(rng, 7))
+    return out
+
+  # ---------------------------------------------------------------------------------------
+  # Pretrained weights and the stages (a), (b).
+
+  def load_pretrained(self, params: PyTree | None, frozen: PyTree) -> tuple[Any, Any]:
+    """The LLM (stacked for the scanned layers, LoRA factors kept as initialised), the
+    backbone and Q-Former checkpoints when given; then the stages (a), (b) of
+    `model.stages` (cached; see the module docstring)."""
+    items = []
+    if self.opts["llm"]:
+      items += self._llm_items()
+    if self.opts["backbone_weights"]:
+      items += self._backbone_items()
+    if self.opts["qformer_weights"]:
+      items += self._qformer_items()
+    params, frozen = base.replace_leaves(params, frozen, items)
+    stages = dict(self.opts["stages"] or {})
+    if params is not None and any(int(dict(s).get("steps", 0)) for s in stages.values()):
+      params = run_stages(self, params, frozen)
+    return params, frozen
+
+  def _llm_items(self):
+    from fssjax.weights import llama as wl  # pylint: disable=import-outside-toplevel
+    path = self._llm_path()
+    _, loaded = wl.load(path)
+    loaded = nl.stack_layers(loaded)
+    flat = base.leaf_paths(loaded)
+    logging.info("LLaFS: LLM weights from %s (%d tensors)", path, len(flat))
+    return [("params/llm/" + p, lambda v=v: np.asarray(v)) for p, v in flat.items()]
+
+  def _backbone_items(self):
+    from fssjax.weights import torchvision as tv  # pylint: disable=import-outside-toplevel
+    size = int(self.config.data.image_size)
+    shapes = self._shapes(size)
+    template = {c: t["backbone"] for c, t in shapes.items() if "backbone" in t}
+    files = tv.read_state_dict(self.opts["backbone_weights"],
+                               bool(self.opts["allow_pickle_weights"]))
+    items = tv.plan_backbone(files, template, source=self.opts["backbone_weights"])
+    return [(f"{p[0]}/backbone/{'/'.join(p[1:])}", thunk) for p, thunk in items]
+
+  def _qformer_items(self):
+    _, loaded = qf.load_qformer(self.opts["qformer_weights"])
+    out = []
+    for p, v in base.leaf_paths(loaded).items():
+      if p.startswith("language_projection") and v.shape[-1] != self.llm_config.hidden_size:
+        continue
+      out.append(("params/qformer/" + p, lambda v=v: np.asarray(v)))
+    return out
+
+  # ---------------------------------------------------------------------------------------
+  # Forward pieces.
+
+  def _features(self, v: PyTree, images: jax.Array) -> jax.Array:
+    bb = {"params": v["params"]["backbone"]}
+    if "batch_stats" in v:
+      bb["batch_stats"] = v["batch_stats"]["backbone"]
+    feats = self.backbone.apply(bb, images)
+    return feats[self._tap(feats)].astype(jnp.float32)
+
+  def _tokens(self, v: PyTree, feats: jax.Array, region: jax.Array) -> jax.Array:
+    """Visual tokens [N, Q, D] of features [N, h, w, C] with a region channel [N, h, w]."""
+    n, h, w, _ = feats.shape
+    pos = jnp.broadcast_to(jnp.asarray(position_code(h, w, int(self.opts["position_channels"]))),
+                           (n, h, w, int(self.opts["position_channels"])))
+    x = jnp.concatenate([feats, region[..., None].astype(feats.dtype), pos], -1)
+    cfg = self._qformer_cfg or self.qformer_config(feats.shape[-1])
+    out = qf.QFormerVisualTokens(cfg, dtype=self.dtype).apply({"params": v["params"]["qformer"]},
+                                                              x)
+    return out["tokens"].astype(jnp.float32)
+
+  def visual_tokens(self, v: PyTree, query_image: jax.Array, support_images: jax.Array,
+                    support_masks: jax.Array) -> jax.Array:
+    """[B, (K + 1) Q, D]: support 0..K-1 then the query (the codec's numbering)."""
+    b, k = support_images.shape[:2]
+    imgs = jnp.concatenate([support_images.reshape((b * k,) + support_images.shape[2:]),
+                            query_image], 0)
+    feats = self._features(v, imgs)
+    s_feats, q_feats = feats[:b * k], feats[b * k:]
+    hw = feats.shape[1:3]
+    fg = (support_masks.reshape((b * k,) + support_masks.shape[2:]) == 1).astype(jnp.float32)
+    s_region = _area_resize(fg, hw)
+    if self.opts["query_prior"] == "prototype":
+      w = s_region[..., None]
+      proto = (s_feats * w).sum((1, 2)) / (w.sum((1, 2)) + 1e-5)  # [BK, C]
+      proto = proto.reshape(b, k, -1).mean(1)
+      # sqrt(|x|^2 + eps): finite gradients at an empty support mask (proto = 0).
+      qn = q_feats * jax.lax.rsqrt(jnp.sum(q_feats ** 2, -1, keepdims=True) + 1e-8)
+      pn = proto * jax.lax.rsqrt(jnp.sum(proto ** 2, -1, keepdims=True) + 1e-8)
+      q_region = jnp.einsum("bhwc,bc->bhw", qn, pn)
+    else:
+      q_region = jnp.zeros(q_feats.shape[:3], jnp.float32)
+    tokens = self._tokens(v, feats, jnp.concatenate([s_region, q_region], 0))
+    q = tokens.shape[1]
+    s_tok = tokens[:b * k].reshape(b, k * q, -1)
+    return jnp.concatenate([s_tok, tokens[b * k:]], 1)
+
+  def _embed(self, llm_params, ids: jax.Array, visual_index: jax.Array, visual: jax.Array):
+    emb = self.llm.apply({"params": llm_params}, ids, method=self.llm.embed).astype(jnp.float32)
+    idx = jnp.clip(visual_index, 0, visual.shape[1] - 1)
+    vis = jnp.take_along_axis(visual, idx[..., None], axis=1)
+    return jnp.where((visual_index >= 0)[..., None], vis, emb)
+
+  def answer_logits(self, v: PyTree, seq: Mapping[str, jax.Array], visual: jax.Array,
+                    rng: Optional[jax.Array] = None) -> jax.Array:
+    """Teacher-forced logits [B, A, V] at the answer positions of a layout `seq`."""
+    llm_p = v["params"]["llm"]
+    emb = self._embed(llm_p, seq["ids"], seq["visual"], visual)
+    positions = jnp.maximum(jnp.cumsum(seq["mask"], -1) - 1, 0).astype(jnp.int32)
+    tp = int(self.opts["max_prompt_tokens"])
+    model = self.llm
+    kwargs = {}
+    if rng is not None and float(self.opts["lora_dropout"]) > 0:
+      model = self.llm.clone(deterministic=False)
+      kwargs["rngs"] = {"dropout": rng}
+    out = model.apply({"params": llm_p}, inputs_embeds=emb.astype(self.dtype or jnp.float32),
+                      attention_mask=seq["mask"], positions=positions, logits=False, **kwargs)
+    hidden = out["hidden"][:, tp - 1:-1]
+    return model.apply({"params": llm_p}, hidden, method=model.head)
+
+  # ---------------------------------------------------------------------------------------
+  # Host callbacks.
+
+  def _host_layout(self, support_masks, query_mask, class_id):
+    codec = self.codec
+    encs = [codec.episode(list(np.asarray(support_masks[i])), np.asarray(query_mask[i]),
+                          int(class_id[i])) for i in range(support_masks.shape[0])]
+    s = stack(encs)
+    return s["ids"], s["visual"], s["labels"], s["mask"], s["truncated"]
+
+  def layout_batch(self, batch: Mapping[str, jax.Array]) -> dict:
+    """The training layout of an episode batch (host callback; see the module docstring)."""
+    if "llafs/ids" in batch:
+      return {k: batch[f"llafs/{k}"] for k in ("ids", "visual", "labels", "mask", "truncated")}
+    b = batch["query_mask"].shape[0]
+    t = int(self.opts["max_prompt_tokens"]) + int(self.opts["max_answer_tokens"])
+    spec = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 4 + [
+        jax.ShapeDtypeStruct((b, 2), jnp.int32)]
+    class_id = batch.get("class_id", jnp.full((b,), -1, jnp.int32))
+    out = jax.pure_callback(self._host_layout, spec, batch["support_masks"],
+                            batch["query_mask"], class_id)
+    return dict(zip(("ids", "visual", "labels", "mask", "truncated"), out))
+
+  def _host_coarse(self, tokens, lengths, size, count: bool):
+    h, w = int(size[0]), int(size[1])
+    codec = self.codec
+    n = tokens.shape[0]
+    masks = np.zeros((n, h, w), np.uint8)
+    status = np.zeros((n,), np.int32)
+    for i in range(n):
+      text = codec.answer_text(np.asarray(tokens[i, :int(lengths[i])]))
+      masks[i], res = rasterise_answer(text, (h, w), num_points=codec.num_points,
+                                       grid=codec.grid)
+      status[i] = poly.STATUSES.index(res.status)
+    if count:
+      with self._lock:
+        st = self._stats
+        for s in status:
+          setattr(st["parse"], poly.STATUSES[int(s)], getattr(st["parse"], poly.STATUSES[int(s)]) + 1)
+        st["new_tokens"] += int(np.sum(lengths))
+        now = time.perf_counter()
+        st["answers"] += n
+        if st["t_prompt"] is not None:
+          st["seconds"] += now - st["t_prompt"]
+          st["t_prompt"] = None
+        d = self.generation_stats()
+      logging.info("LLaFS generation: %d answers (ok %d, repaired %d, failed %d = %.1f%%), "
+                   "%d new tokens, %.1f tokens/s", d["answers"], d["ok"], d["repaired"],
+                   d["failed"], 100 * d["failed_rate"], d["new_tokens"], d["tokens_per_s"])
+    return masks, status
+
+  def reset_generation_stats(self) -> None:
+    """Zeroes the counts `generation_stats` reports."""
+    self._stats = dict(parse=poly.ParseStats(), new_tokens=0, answers=0, seconds=0.0,
+                       t_prompt=None)
+
+  def generation_stats(self) -> dict:
+    """{'answers', 'ok', 'repaired', 'failed', 'failed_rate', 'repaired_rate', 'new_tokens',
+    'generation_s', 'tokens_per_s'} since the last reset (every generated answer is
+    counted; answers served from the coarse-mask memo are not counted again)."""
+    st = self._stats
+    d = st["parse"].as_dict()
+    d.pop("total")
+    d.update(answers=st["answers"], new_tokens=st["new_tokens"], generation_s=st["seconds"],
+             tokens_per_s=st["new_tokens"] / st["seconds"] if st["seconds"] else 0.0)
+    return d
+
+  def _host_prompt(self, support_masks, class_id):
+    codec = self.codec
+    encs = [codec.layout(codec.episode_parts(list(np.asarray(support_masks[i])),
+                                             int(class_id[i])), support_masks.shape[1], None)
+            for i in range(support_masks.shape[0])]
+    with self._lock:
+      self._stats["t_prompt"] = time.perf_counter()
+    return (np.stack([e.ids for e in encs]), np.stack([e.visual for e in encs]),
+            np.stack([e.mask for e in encs]))
+
+  # ---------------------------------------------------------------------------------------
+  # Training.
+
+  def loss(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array],
+           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    v = base.merge(params, frozen)
+    seq = self.layout_batch(batch)
+    visual = self.visual_tokens(v, batch["query_image"], batch["support_images"],
+                                batch["support_masks"])
+    logits = self.answer_logits(v, seq, visual, rng)
+    labels = seq["labels"][:, int(self.opts["max_prompt_tokens"]) - 1:-1]
+    valid = labels >= 0
+    logp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], -1)[..., 0]
+    count = jnp.maximum(valid.sum(), 1)
+    ce = jnp.where(valid, nll, 0.0).sum() / count
+    pred = jnp.argmax(logits, -1).astype(jnp.int32)
+    acc = jnp.where(valid, pred == labels, False).sum() / count
+    total = float(self.opts["ce_weight"]) * ce
+    metrics = {"ce": ce, "token_accuracy": acc,
+               "llafs/truncated_prompts": seq["truncated"][:, 0].sum(),
+               "llafs/truncated_answers": seq["truncated"][:, 1].sum()}
+    if float(self.opts["refine_weight"]) > 0:
+      size = batch["query_mask"].shape[1:3]
+      lengths = valid.sum(-1).astype(jnp.int32)
+      coarse = jax.pure_callback(
+          lambda t, l: self._host_coarse(t, l, size, False)[0],
+          jax.ShapeDtypeStruct(batch["query_mask"].shape, jnp.uint8), jax.lax.stop_gradient(pred),
+          lengths)
+      ref = self.refine.apply({"params": v["params"]["refine"]}, batch["query_image"],
+                              coarse.astype(jnp.float32))
+      rl, parts = refine_lib.refine_loss(ref, batch["query_mask"])
+      total = total + float(self.opts["refine_weight"]) * rl
+      metrics.update(refine=rl, refine_bce=parts["bce"], refine_dice=parts["dice"])
+    metrics["loss"] = total
+    return total, metrics
+
+  # ---------------------------------------------------------------------------------------
+  # Prediction.
+
+  def generate(self, v: PyTree, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Greedy answers (tokens [B, N] int32, lengths [B]) with the KV cache (traceable)."""
+    b = batch["query_image"].shape[0]
+    tp = int(self.opts["max_prompt_tokens"])
+    class_id = batch.get("class_id", jnp.full((b,), -1, jnp.int32))
+    spec = [jax.ShapeDtypeStruct((b, tp), jnp.int32)] * 3
+    ids, vis_idx, mask = io_callback(self._host_prompt, spec, batch["support_masks"], class_id,
+                                     ordered=False)
+    visual = self.visual_tokens(v, batch["query_image"], batch["support_images"],
+                                batch["support_masks"])
+    llm_p = v["params"]["llm"]
+    emb = self._embed(llm_p, ids, vis_idx, visual).astype(self.dtype or jnp.float32)
+    n = self.max_new_tokens
+    cache = nl.init_cache(self.llm_config, b, tp + n, self.dtype or jnp.float32)
+    positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0).astype(jnp.int32)
+    res = self.llm.apply({"params": llm_p}, inputs_embeds=emb, attention_mask=mask,
+                         positions=positions, cache=cache, logits=False)
+    last = self.llm.apply({"params": llm_p}, res["hidden"][:, -1], method=self.llm.head)
+    first = jnp.argmax(last, -1).astype(jnp.int32)
+    codec = self.codec
+    return nl.decode(self.llm, llm_p, res["cache"], first, positions[:, -1] + 1,
+                     max_new_tokens=jnp.int32(n), max_tokens=n, stop_ids=codec.tok.stop_ids,
+                     rng=jax.random.PRNGKey(0), temperature=0.0, pad_id=codec.pad_id)
+
+  def coarse_mask(self, v: PyTree, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Rasterised polygons uint8 [B, H, W] of the greedy answers (counted).
+
+    Memo: the coarse masks of the last `MEMO_SIZE` batches are kept on the host, keyed by a
+    hash of the batch's images and support masks and of a fingerprint of the parameters, so
+    that a second evaluator on the same episodes with the same parameters (the coarse and
+    refined outputs, `model.output`) reuses them instead of generating again (`lax.cond`:
+    the generation branch does not run on a hit).
+    """
+    b = batch["query_image"].shape[0]
+    size = tuple(batch["query_image"].shape[1:3])
+    mspec = jax.ShapeDtypeStruct((b,) + size, jnp.uint8)
+    finger = jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32)))
+                        for x in jax.tree.leaves(v["params"]) if x.size < 2 ** 22])
+    key_inputs = (batch["query_image"], batch["support_images"], batch["support_masks"], finger)
+    hit, cached = io_callback(_memo_lookup, (jax.ShapeDtypeStruct((), jnp.bool_), mspec),
+                              *key_inputs, ordered=False)
+
+    def fresh(_):
+      tokens, lengths = self.generate(v, batch)
+      masks, _ = io_callback(lambda t, l: self._host_coarse(t, l, size, True),
+                             (mspec, jax.ShapeDtypeStruct((b,), jnp.int32)), tokens, lengths,
+                             ordered=False)
+      masks = masks + 0 * jnp.asarray(
+          io_callback(_memo_store, jax.ShapeDtypeStruct((), jnp.int32), masks, *key_inputs,
+                      ordered=False), jnp.uint8)
+      return masks
+
+    return jax.lax.cond(hit, lambda _: cached, fresh, None)
+
+  def predict(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array]) -> jax.Array:
+    """Refined mask logits [B, H, W] (or the coarse mask as +-1 with output='coarse')."""
+    v = base.merge(params, frozen)
+    coarse = self.coarse_mask(v, batch).astype(jnp.float32)
+    if self.opts["output"] == "coarse":
+      return 2.0 * coarse - 1.0
+    return self.refine.apply({"params": v["params"]["refine"]}, batch["query_image"], coarse)
+
+
+METHOD = LLaFS
+
+MEMO_SIZE = 64
+_MEMO: "dict[bytes, np.ndarray]" = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def _memo_key(*arrays) -> bytes:
+  h = hashlib.sha1()
+  for a in arrays:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.digest()
+
+
+def _memo_lookup(*key_inputs):
+  key = _memo_key(*key_inputs)
+  shape = np.asarray(key_inputs[0]).shape[:3]
+  with _MEMO_LOCK:
+    got = _MEMO.get(key)
+  if got is None:
+    return np.bool_(False), np.zeros(shape, np.uint8)
+  return np.bool_(True), got
+
+
+def _memo_store(masks, *key_inputs):
+  key = _memo_key(*key_inputs)
+  with _MEMO_LOCK:
+    _MEMO[key] = np.asarray(masks, np.uint8).copy()
+    while len(_MEMO) > MEMO_SIZE:
+      _MEMO.pop(next(iter(_MEMO)))
+  return np.int32(0)
+
+
+def _init_llm(shapes: PyTree, rng: jax.Array) -> PyTree:
+  """Traced LLM initial values: normal(0, 0.02); RMSNorm weights 1; LoRA A kaiming-uniform
+  (PEFT), B 0 (the base model's output is unchanged until training)."""
+  flat = base.leaf_paths(shapes)
+  out = {}
+  for i, (path, s) in enumerate(sorted(flat.items())):
+    key = jax.random.fold_in(rng, i)
+    name = path.split("/")
+    if "lora_B" in name:
+      out[path] = jnp.zeros(s.shape, s.dtype)
+    elif "lora_A" in name:
+      fan_in = s.shape[-2]
+      bound = float(np.sqrt(1.0 / fan_in))  # kaiming_uniform(a=sqrt(5)) as PEFT
+      out[path] = jax.random.uniform(key, s.shape, s.dtype, -bound, bound)
+    elif name[-1] in ("weight", "scale"):
+      out[path] = jnp.ones(s.shape, s.dtype)
+    elif name[-1] == "bias":
+      out[path] = jnp.zeros(s.shape, s.dtype)
+    else:
+      out[path] = 0.02 * jax.random.normal(key, s.shape, s.dtype)
+  return base._build(out)  # pylint: disable=protected-access
+
+
+# ----------------------------------------------------------------------------------------
+# Stages (a) and (b).
+
+# Stage (a) trains the method's trainable patterns except the LLM's and the refinement
+# network's (the Q-Former and projection, and a backbone trained from scratch); (b) all.
+STAGE_FROZEN_PARTS = {"align": ("params/llm", "params/refine"), "curriculum": ()}
+STAGE_ORDER = ("align", "curriculum")
+
+
+def stage_settings(method: LLaFS) -> dict:
+  """Everything the cached stage results depend on (hashed into their file names)."""
+  c = method.config
+  model = {k: v for k, v in method.opts.items() if k not in ("output", "stage_dir")}
+  return json.loads(json.dumps(dict(model=model, trainable=method.trainable_patterns(),
+                                    image_size=int(c.data.image_size), seed=int(c.seed),
+                                    version=1), default=str))
+
+
+def stage_path(method: LLaFS, stage: str) -> str:
+  settings = stage_settings(method)
+  settings["upto"] = stage
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  root = method.opts["stage_dir"] or os.path.join(os.path.expanduser("~"), ".cache", "fssjax",
+                                                  "llafs")
+  return os.path.join(root, f"llafs_{stage}_{key}.safetensors")
+
+
+def _norm_images(images: np.ndarray, normalization: str) -> np.ndarray:
+  from fssjax.data import transforms  # pylint: disable=import-outside-toplevel
+  return transforms.normalize(images, normalization)
+
+
+def caption_batch(method: LLaFS, step: int, batch: int, seed: int) -> dict:
+  """Stage (a) batch: embedded-benchmark training images and their ground-truth captions."""
+  from fssjax.data import captions, synthetic  # pylint: disable=import-outside-toplevel
+  size = int(method.config.data.image_size)
+  imgs, encs = [], []
+  for i in range(batch):
+    index = (step * batch + i) % 4000
+    image, instances = synthetic.render_image(seed, "train", index, size=size)
+    imgs.append(image)
+    encs.append(method.codec.caption(captions.synthetic_caption(image, instances), 1))
+  x = _norm_images(np.stack(imgs), method.normalization)
+  s = stack(encs)
+  return {"query_image": x, "support_images": x[:, None], "support_masks":
+          np.zeros((batch, 1, size, size), np.uint8), "query_mask": np.zeros((batch, size, size),
+                                                                             np.uint8),
+          **{f"llafs/{k}": v for k, v in s.items()}}
+
+
+def pseudo_batch(method: LLaFS, step: int, num_steps: int, batch: int, seed: int) -> dict:
+  """Stage (b) batch: pseudo-samples at the curriculum difficulty of `step`."""
+  from fssjax.data import pseudo_samples as ps  # pylint: disable=import-outside-toplevel
+  size = int(method.config.data.image_size)
+  spec = ps.PseudoSampleSpec(size=size, max_given=int(method.opts["num_points"]) - 1)
+  d = ps.curriculum_difficulty(step, num_steps)
+  codec = method.codec
+  qi, si, qm, sm, encs = [], [], [], [], []
+  for i in range(batch):
+    s = ps.make_pseudo_sample(seed * 1_000_003 + step * batch + i, d, spec)
+    given = to_grid([s.given_points], (size, size), codec.grid)[0] if len(s.given_points) else None
+    encs.append(codec.episode([s.support_mask], s.query_mask, -1, given))
+    qi.append(s.query_image)
+    si.append(s.support_image)
+    qm.append(s.query_mask)
+    sm.append(s.support_mask)
+  to8 = lambda x: np.clip(np.rint(np.stack(x) * 255), 0, 255).astype(np.uint8)  # noqa: E731
+  st = stack(encs)
+  return {"query_image": _norm_images(to8(qi), method.normalization),
+          "support_images": _norm_images(to8(si), method.normalization)[:, None],
+          "query_mask": np.stack(qm).astype(np.uint8),
+          "support_masks": np.stack(sm).astype(np.uint8)[:, None],
+          "class_id": np.full((batch,), -1, np.int32),
+          **{f"llafs/{k}": v for k, v in st.items()}, "difficulty": np.float32(d)}
+
+
+def run_stages(method: LLaFS, params: PyTree, frozen: PyTree) -> PyTree:
+  """Stages (a) then (b) of `model.stages` on `params` (each loaded from its cache file when
+  present, else trained and saved); returns the params (c) starts from."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  stages = {k: dict(v) for k, v in dict(method.opts["stages"] or {}).items()}
+  unknown = sorted(set(stages) - set(STAGE_ORDER))
+  if unknown:
+    raise ConfigError(f"config.model.stages: unknown stage(s) {unknown}; expected "
+                      f"{list(STAGE_ORDER)}")
+  todo = [s for s in STAGE_ORDER if int(stages.get(s, {}).get("steps", 0)) > 0]
+  # Resume from the last finished stage.
+  start = 0
+  for i in range(len(todo) - 1, -1, -1):
+    path = stage_path(method, todo[i])
+    if os.path.isfile(path):
+      flat = load_file(path)
+      params = base.replace_leaves(params, {}, [(k, lambda v=v: v) for k, v in flat.items()])[0]
+      logging.info("LLaFS: stage %s loaded from %s", todo[i], path)
+      start = i + 1
+      break
+  for name in todo[start:]:
+    params = train_stage(method, name, stages[name], params, frozen)
+    path = stage_path(method, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: np.asarray(v) for k, v in base.leaf_paths(params).items()}, tmp)
+    os.replace(tmp, path)
+    logging.info("LLaFS: stage %s saved to %s", name, path)
+  return params
+
+
+def train_stage(method: LLaFS, name: str, spec: Mapping[str, Any], params: PyTree,
+                frozen: PyTree) -> PyTree:
+  """One pretraining stage: Adam (linear warm-up over 10% of the steps, cosine decay) on the
+  stage's trainable subset of `params`; logs the loss every `log_every` steps."""
+  steps, bsz = int(spec["steps"]), int(spec.get("batch", 4))
+  lr, log_every = float(spec.get("lr", 1e-3)), int(spec.get("log_every", 10))
+  seed = int(method.config.seed) + 17 * (STAGE_ORDER.index(name) + 1)
+  skip = STAGE_FROZEN_PARTS[name]
+  patterns = [p for p in method.trainable_patterns() if not p.startswith(skip)] if skip else None
+  if not patterns:
+    train, rest = params, {}
+  else:
+    train, rest = base.partition(params, patterns)
+  warm = max(steps // 10, 1)
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1))
+  # The learning rate enters as an argument (not a constant of the program), so the step
+  # compiles to the same program for any step count (XLA's persistent cache reuses it).
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.95))
+  state = opt.init(train)
+  saved = method.opts["refine_weight"]
+
+  def loss_fn(train, rest, frozen, batch, rng):
+    p = base.merge(train, rest)
+    return method.loss(p, frozen, batch, rng)
+
+  @jax.jit
+  def step_fn(train, state, rest, frozen, batch, rng, lr_now):
+    (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(train, rest, frozen, batch, rng)
+    upd, state = opt.update(g, state, train)
+    upd = jax.tree.map(lambda u: -lr_now * u, upd)
+    return optax.apply_updates(train, upd), state, aux
+
+  if name == "align":  # captions: the LLM writes text, no mask to refine
+    method.opts["refine_weight"] = 0.0
+  t0 = time.perf_counter()
+  try:
+    for i in range(steps):
+      if name == "align":
+        b = caption_batch(method, i, bsz, seed)
+      else:
+        b = pseudo_batch(method, i, steps, bsz, seed)
+      b.pop("difficulty", None)
+      b = {k: jnp.asarray(v) for k, v in b.items()}
+      train, state, aux = step_fn(train, state, rest, frozen, b, jax.random.PRNGKey(seed + i),
+                                  jnp.float32(sched(i)))
+      # Synchronous steps: the next batch is built (tokenizer, OpenCV) only once this step's
+      # host callbacks are done (a step running concurrently with the host work stalled).
+      jax.block_until_ready(aux)
+      if (i + 1) % log_every == 0 or i == 0 or i + 1 == steps:
+        aux = {k: float(v) for k, v in aux.items()}
+        logging.info("LLaFS stage %s step %d/%d: %s (%.1f s/step)", name, i + 1, steps,
+                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(aux.items())),
+                     (time.perf_counter() - t0) / (i + 1))
+  finally:
+    method.opts["refine_weight"] = saved
+  return base.merge(train, rest)
