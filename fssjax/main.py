@@ -134,6 +134,15 @@ def main(argv: Sequence[str]) -> None:
 
   xla_cache.enable()  # a second run (or a resume) compiles nothing
 
+  from fssjax.methods import get_method_class  # pylint: disable=g-import-not-at-top
+
+  own_loop = getattr(get_method_class(config), "own_training_loop", None)
+  if own_loop is not None:  # a method the generic trainer cannot train yet (LLMFormer)
+    if _MODE.value != "train":
+      raise SystemExit(f"fssjax: method {config.method!r} trains and evaluates in one run "
+                       "(--mode=train); it has no separate --mode=eval yet.")
+    own_loop(config, _WORKDIR.value)
+    return
   try:
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW.value)
