@@ -48,7 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fssjax.nn.attention import dot_product_attention
+# The Q-Former is BERT-based: its Output / Intermediate blocks are BERT's (same names).
 from fssjax.nn.bert import HIDDEN_ACTS
+from fssjax.nn.bert import _DenseLN  # pylint: disable=protected-access
+from fssjax.nn.bert import _Intermediate  # pylint: disable=protected-access
 
 Array = jax.Array
 Dtype = Any
@@ -149,21 +152,6 @@ class _MultiHeadAttention(nn.Module):
     return dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
 
 
-class _DenseLN(nn.Module):
-  """Blip2QFormerSelfOutput / Blip2QFormerOutput: LayerNorm(residual + dense(x))."""
-
-  features: int
-  eps: float
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, residual: Array) -> Array:
-    x = nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
-    return nn.LayerNorm(self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                        use_fast_variance=False, name="LayerNorm")(x + residual)
-
-
 class _Attention(nn.Module):
   """Blip2QFormerAttention: `attention` (multi-head) + `output` (dense, LayerNorm)."""
 
@@ -179,18 +167,6 @@ class _Attention(nn.Module):
     y = _MultiHeadAttention(cfg, dtype=dt, param_dtype=pdt, name="attention")(x, ctx, mask)
     return _DenseLN(cfg.hidden_size, cfg.layer_norm_eps, dtype=dt, param_dtype=pdt,
                     name="output")(y, x)
-
-
-class _Intermediate(nn.Module):
-  config: QFormerConfig
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = nn.Dense(self.config.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="dense")(x)
-    return HIDDEN_ACTS[self.config.hidden_act](x)
 
 
 class Blip2QFormerLayer(nn.Module):
