@@ -245,7 +245,9 @@ class RelatedRanker:
     return [self.rank(n, top_k) for n in novels]
 
   def _rank(self, novel: str, top_k: Optional[int]) -> Related:
-    raise NotImplementedError
+    """The ranking itself, uncached: each ranker (random, embedding, llm, llm_score) defines
+    it; `rank` adds the checks and the cache around it."""
+    raise NotImplementedError(f"{type(self).__name__} does not define _rank")
 
   def _candidates(self, novel: str) -> list[str]:
     return [b for b in self.base if b != novel]
