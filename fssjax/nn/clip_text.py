@@ -78,13 +78,18 @@ class CLIPTextConfig:
 
 
 class CLIPAttention(nn.Module):
-  """Causal multi-head self-attention with CLIP's names (q_proj, k_proj, v_proj, out_proj)."""
+  """Multi-head self-attention with CLIP's names (q_proj, k_proj, v_proj, out_proj; biases).
+
+  Causal for the text encoder (`causal=True`), bidirectional for the vision tower
+  (`fssjax.nn.clip_vision`). `mask` [B, T] (1 keep, 0 pad) additionally hides padded keys.
+  """
 
   hidden_size: int
   num_heads: int
   implementation: Optional[str] = None
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
@@ -95,21 +100,28 @@ class CLIPAttention(nn.Module):
     split = lambda a: a.reshape(b, t, self.num_heads, hd)  # noqa: E731
     q, k, v = (split(dense(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
     if mask is None:
-      y = dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+      y = dot_product_attention(q, k, v, is_causal=self.causal,
+                                implementation=self.implementation)
     else:
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      full = causal[None, None] & mask[:, None, None, :].astype(bool)
+      full = mask[:, None, None, :].astype(bool)
+      if self.causal:
+        full = jnp.tril(jnp.ones((t, t), bool))[None, None] & full
       y = dot_product_attention(q, k, v, mask=full, implementation=self.implementation)
     return dense("out_proj")(y.reshape(b, t, d))
 
 
 class CLIPEncoderLayer(nn.Module):
-  """Pre-LN transformer layer: x + attn(LN1(x)); x + MLP(LN2(x))."""
+  """Pre-LN transformer layer: x + attn(LN1(x)); x + MLP(LN2(x)).
 
-  config: CLIPTextConfig
+  `config` is a CLIPTextConfig or a `fssjax.nn.clip_vision.CLIPVisionConfig` (the fields
+  hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps).
+  """
+
+  config: Any
   implementation: Optional[str] = None
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
@@ -117,14 +129,15 @@ class CLIPEncoderLayer(nn.Module):
     ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt,  # noqa: E731
                                    use_fast_variance=False, name=name)
     x = x + CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, self.implementation,
-                          dtype=dt, param_dtype=pdt, name="self_attn")(ln("layer_norm1")(x), mask)
+                          dtype=dt, param_dtype=pdt, causal=self.causal,
+                          name="self_attn")(ln("layer_norm1")(x), mask)
     h = ln("layer_norm2")(x)
     h = _MLP(cfg, dtype=dt, param_dtype=pdt, name="mlp")(h)
     return x + h
 
 
 class _MLP(nn.Module):
-  config: CLIPTextConfig
+  config: Any
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -192,16 +205,23 @@ class CLIPTextModel(nn.Module):
 
 
 class _Encoder(nn.Module):
-  config: CLIPTextConfig
+  """`num_hidden_layers` CLIPEncoderLayers named `layers_{i}`: (last output, every output).
+  Shared by the text encoder (causal) and the vision tower (`causal=False`); `remat`
+  rematerialises each layer in the backward pass."""
+
+  config: Any
   implementation: Optional[str] = None
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
+  remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[Array]):
+  def __call__(self, x: Array, mask: Optional[Array] = None):
+    layer = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
     outs = []
     for i in range(self.config.num_hidden_layers):
-      x = CLIPEncoderLayer(self.config, self.implementation, dtype=self.dtype,
-                           param_dtype=self.param_dtype, name=f"layers_{i}")(x, mask)
+      x = layer(self.config, self.implementation, dtype=self.dtype,
+                param_dtype=self.param_dtype, causal=self.causal, name=f"layers_{i}")(x, mask)
       outs.append(x)
     return x, outs

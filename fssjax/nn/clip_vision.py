@@ -23,8 +23,8 @@ Call:
 Raises ValueError for an input of another rank, size or channel count (transformers'
 position-embedding interpolation is not implemented).
 
-The MLP (`fc1`, activation, `fc2`) and activations are those of `fssjax.nn.clip_text`; the
-attention is the same as the text encoder's but without the causal mask. Parameter paths mirror
+The encoder layers are `fssjax.nn.clip_text`'s (`CLIPEncoderLayer`: the same attention, MLP
+`fc1`, activation, `fc2` and names as the text encoder's) without the causal mask. Parameter paths mirror
 transformers' with the `vision_model.` prefix dropped (`vision_model.encoder.layers.0.
 self_attn.q_proj.weight` -> `encoder/layers_0/self_attn/q_proj/kernel`; `embeddings.
 patch_embedding.weight` [D, 3, p, p] -> `embeddings/patch_embedding/kernel` [p, p, 3, D];
@@ -43,8 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fssjax.nn.attention import dot_product_attention
-from fssjax.nn.clip_text import HIDDEN_ACTS, _MLP
+from fssjax.nn.clip_text import HIDDEN_ACTS, _Encoder
 
 Array = jax.Array
 Dtype = Any
@@ -124,45 +123,6 @@ def clip_vision_config(name: str) -> CLIPVisionConfig:
   return PRESETS[name]
 
 
-class CLIPVisionAttention(nn.Module):
-  """Bidirectional multi-head self-attention (q_proj, k_proj, v_proj, out_proj; biases)."""
-
-  hidden_size: int
-  num_heads: int
-  implementation: Optional[str] = None
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    b, t, d = x.shape
-    hd = d // self.num_heads
-    dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
-                                  name=name)
-    q, k, v = (dense(n)(x).reshape(b, t, self.num_heads, hd)
-               for n in ("q_proj", "k_proj", "v_proj"))
-    y = dot_product_attention(q, k, v, implementation=self.implementation)
-    return dense("out_proj")(y.reshape(b, t, d))
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-  """Pre-LN layer: x + attn(layer_norm1(x)); x + mlp(layer_norm2(x)) (CLIPEncoderLayer)."""
-
-  config: CLIPVisionConfig
-  implementation: Optional[str] = None
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-    ln = lambda name: nn.LayerNorm(cfg.layer_norm_eps, dtype=dt, param_dtype=pdt,  # noqa: E731
-                                   use_fast_variance=False, name=name)
-    x = x + CLIPVisionAttention(cfg.hidden_size, cfg.num_attention_heads, self.implementation,
-                                dt, pdt, name="self_attn")(ln("layer_norm1")(x))
-    return x + _MLP(cfg, dtype=dt, param_dtype=pdt, name="mlp")(ln("layer_norm2")(x))
-
-
 class CLIPVisionEmbeddings(nn.Module):
   """[CLS] + p x p patch embeddings + learned position embeddings: [B, 1 + N, D]."""
 
@@ -216,27 +176,9 @@ class CLIPVisionModel(nn.Module):
                                    use_fast_variance=False, name=name)
     x = ln("pre_layrnorm")(x)
     hidden = [x]
-    x, outs = _VisionEncoder(cfg, self.attention_implementation, dt, pdt, self.remat,
-                             name="encoder")(x)
+    x, outs = _Encoder(cfg, self.attention_implementation, dt, pdt, causal=False,
+                       remat=self.remat, name="encoder")(x)
     hidden.extend(outs)
     pooled = ln("post_layernorm")(x[:, 0])
     return {"last_hidden_state": x, "pooler_output": pooled,
             "hidden_states": tuple(hidden) if output_hidden_states else ()}
-
-
-class _VisionEncoder(nn.Module):
-  config: CLIPVisionConfig
-  implementation: Optional[str] = None
-  dtype: Optional[Dtype] = None
-  param_dtype: Dtype = jnp.float32
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x: Array):
-    layer = nn.remat(CLIPVisionEncoderLayer) if self.remat else CLIPVisionEncoderLayer
-    outs = []
-    for i in range(self.config.num_hidden_layers):
-      x = layer(self.config, self.implementation, self.dtype, self.param_dtype,
-                name=f"layers_{i}")(x)
-      outs.append(x)
-    return x, outs
