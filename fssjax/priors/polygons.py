@@ -65,6 +65,9 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 # Geometry.
 
 
+VERTICES = ("arc", "extreme")
+
+
 def signed_area(points: np.ndarray) -> float:
   """Shoelace area of a closed polygon in image coordinates (x right, y down).
 
@@ -113,8 +116,26 @@ def _finalise(points: np.ndarray, height: int, width: int) -> np.ndarray:
   return out.astype(np.int32)
 
 
+def extreme_points(points: np.ndarray, num_points: int) -> np.ndarray:
+  """The outline's extreme points in `num_points` directions, clockwise from straight up.
+
+  Direction k is (sin a, -cos a) with a = 2 pi k / num_points (screen axes, y down: up,
+  then clockwise). The point for a direction is the mean of the outline points whose
+  projection is within 0.5 px of the largest (the middle of a flat side). For a convex
+  outline the points are the vertices of a circumscribed-like polygon (for an axis-aligned
+  rectangle and 8 directions: its corners and side midpoints).
+  """
+  pts = np.asarray(points, np.float64)
+  a = 2 * np.pi * np.arange(num_points) / num_points
+  dirs = np.stack([np.sin(a), -np.cos(a)], 1)  # [P, 2]
+  proj = pts @ dirs.T  # [N, P]
+  top = proj >= proj.max(0, keepdims=True) - 0.5
+  return (top.T.astype(np.float64) @ pts) / top.sum(0)[:, None]
+
+
 def mask_to_polygons(mask: np.ndarray, num_points: int = NUM_POINTS, *, min_area: int = 4,
-                     max_objects: Optional[int] = None) -> list[np.ndarray]:
+                     max_objects: Optional[int] = None, vertices: str = "arc"
+                     ) -> list[np.ndarray]:
   """Per-object clockwise polygons of a binary mask (rules in the module docstring).
 
   Args:
@@ -123,13 +144,19 @@ def mask_to_polygons(mask: np.ndarray, num_points: int = NUM_POINTS, *, min_area
     num_points: points per polygon (16 in LLaFS).
     min_area: components with fewer pixels are dropped.
     max_objects: keep at most this many (the largest); None: all.
+    vertices: 'arc' (points evenly spaced by arc length from the topmost point) or
+      'extreme' (`extreme_points`: the outline's extreme points in num_points directions,
+      clockwise from straight up; each vertex is then a fixed function of the mask, which
+      attention over the image can find).
 
   Returns:
     list of int32 [num_points, 2] (x, y) arrays, largest object first.
 
   Raises:
-    ValueError: mask not 2-D, or num_points < 3.
+    ValueError: mask not 2-D, num_points < 3, or an unknown `vertices`.
   """
+  if vertices not in VERTICES:
+    raise ValueError(f"vertices={vertices!r}; expected one of {list(VERTICES)}")
   m = np.asarray(mask)
   if m.ndim != 2:
     raise ValueError(f"mask has shape {m.shape}; expected [H, W]")
@@ -153,8 +180,10 @@ def mask_to_polygons(mask: np.ndarray, num_points: int = NUM_POINTS, *, min_area
       continue
     if len(pts) >= 3 and signed_area(pts) < 0:
       pts = pts[::-1]
-    pts = _start_at_top_left(pts)
-    poly = _finalise(resample_closed(pts, num_points), h, w)
+    if vertices == "extreme":
+      poly = _finalise(extreme_points(pts, num_points), h, w)
+    else:
+      poly = _finalise(resample_closed(_start_at_top_left(pts), num_points), h, w)
     objects.append((-area, int(poly[0, 1]), int(poly[0, 0]), poly))
   objects.sort(key=lambda o: o[:3])
   polys = [o[3] for o in objects]
