@@ -21,7 +21,9 @@ allow_pickle=True, the official sam_vit_h_4b8939.pth):
   demo command. `prompt=semantic|visual` trains the single-prompt ablations; `kshot=attention`
   the learned K-shot aggregation (train with shot=K); `noise=0.3` drops / swaps 30% of each
   description's attributes; `cross=pascal5i,cross_root=...` also evaluates on PASCAL-5i
-  (cross-domain); `fsdp=N` shards the LLM and SAM parameters over N devices.
+  (cross-domain: all 20 classes minus those the COCO fold trained on, RePRI's protocol;
+  `cross_fold=k` restricts to PASCAL fold k); `fsdp=N` shards the LLM and SAM parameters
+  over N devices.
 
 Offline demo (no downloads; the embedded synthetic benchmark, 128 x 128, fold 0):
 
@@ -41,8 +43,16 @@ Offline demo (no downloads; the embedded synthetic benchmark, 128 x 128, fold 0)
 
   Measured (2026-11-30; fold 0, 1-shot, 128 x 128, the same 300 episodes for every mode):
   both 36.5 mIoU / 66.6 FB-IoU, visual 36.3 / 66.5, semantic 31.8 / 61.7, all-foreground
-  7.8 / 3.9 (+28.7 mIoU). 1 h 20 min wall on the 2-core machine shared with 6-7 other jobs
-  (load 5-18); not measured idle (docs/dsv_lfs.md).
+  7.8 / 3.9 (+28.7 mIoU), with the code before the speed-ups (1 h 20 min wall on the 2-core
+  machine shared with 6-7 other jobs, load 5-18). `demo,steps=200` with `scan_layers` and the
+  old lax.switch: both 30.5, visual 30.6, semantic 26.0, all-foreground 7.8 (1558 s of CPU,
+  1 h 15 min wall at load 4-17): 200 steps are not enough, the demo keeps 300.
+  Time (docs/dsv_lfs.md, "Where the time goes"), CPU seconds (user + sys): start-up 51,
+  stage 1 346 (the stage-2 compilation, 39 with `scan_layers`, overlaps it), stage 2 2.54
+  per step (was 4.65 with a lax.switch over the prompt modes), evaluation ~150: about 1310 s
+  (22 min) of CPU for the whole demo, at best ~11 min of wall on 2 idle cores
+  (not measured idle: the development machine runs at load 9-15; the 300-step numbers are
+  not re-measured with the final code).
 
 Arguments (`get_config("key=value,...")`): fold, shot, root, llava, clip, sam, llm (a LLaMA
 directory / GGUF instead of LLaVA's), tokenizer, allow_pickle, prompt (both | semantic |
@@ -144,17 +154,28 @@ def published_training(c, a):
   return c
 
 
-def cross_domain(c, a, target: str):
-  """An extra evaluator on the other benchmark (`cross`), the fold `cross_fold` (default: the
-  training fold)."""
+def cross_domain(c, a, source: str, target: str):
+  """An extra evaluator on the other benchmark (`cross`): the model trained on fold `fold` of
+  `source` tested on `target`, with the target classes that fold trained on removed.
+
+  The protocol is RePRI's (mboudiaf/RePRI-for-Few-Shot-Segmentation: config_files/
+  coco2pascal.yaml tests a COCO-20i fold-f model on PASCAL with `test_split: -1`, all 20
+  classes, and src/dataset/classes.py `filter_classes` removes the classes the COCO fold
+  trained on, matched by name). The DSV-LFS code has an all-classes PASCAL 'fold 4' but no
+  class removal. `cross_fold` -1 (default) tests all classes of the target, as RePRI; k >= 0
+  the target's fold-k test classes; the same removal applies in both directions
+  (`fssjax.data.folds.cross_domain_classes`: COCO-20i fold 0 -> PASCAL keeps aeroplane, boat,
+  chair, diningtable, dog, person; PASCAL-5i fold 0 -> COCO keeps 65 of the 80 classes). The
+  results file lists the removed classes (`protocol.cross_domain`)."""
+  c.data.cross_domain_from = ""  # the key the evaluator's data block overrides
   if not a["cross"]:
     return c
   if a["cross"] != target:
     raise ValueError(f"cross={a['cross']!r}; this config evaluates across to {target!r}")
-  fold = a["cross_fold"] if a["cross_fold"] >= 0 else a["fold"]
   c.evals.fewshot = dict(type="episodic", every=-1, prefix="eval")
   c.evals.cross = dict(type="episodic", every=-1, prefix=f"cross_{target}",
-                       data=dict(dataset=target, root=a["cross_root"], fold=fold))
+                       data=dict(dataset=target, root=a["cross_root"], fold=a["cross_fold"],
+                                 cross_domain_from=f"{source}:{a['fold']}"))
   return c
 
 
@@ -166,7 +187,7 @@ def get_config(arg=None):
   c.data.test_episodes = 2000  # the published loader
   published_training(c, a)
   dsv_lfs_model(c, a, "coco")
-  cross_domain(c, a, "pascal5i")
+  cross_domain(c, a, "coco20i", "pascal5i")
 
   if a["demo"]:
     demo(c, a)
@@ -199,6 +220,7 @@ def demo(c, a):
   m.sam_pretrain = dict(steps=400, batch=8, lr=2e-3, warmup=40, log_every=50)
   m.sam_pretrain_dir = ""  # "" = ~/.cache/fssjax/dsv_lfs_sam
   m.matching_channels = (16, 64, 128)
+  m.scan_layers = True  # SmolLM2's 30 layers as one nn.scan body: compiles far faster
   m.conversation = "chatml"
   m.question = DEMO_QUESTION
   m.description_sentences = 1

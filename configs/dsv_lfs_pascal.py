@@ -10,7 +10,9 @@ the shared protocol (fssjax.evaluate).
   python -m fssjax.main --workdir=runs/dsv_lfs_pascal_f0 \\
     --config=configs/dsv_lfs_pascal.py:fold=0,root=/data/VOCdevkit/VOC2012,llava=/w/llava-v1.5-7b,sam=/w/sam-vit-huge
 
-  Cross-domain (PASCAL -> COCO): add `cross=coco20i,cross_root=/data/COCO2014`.
+  Cross-domain (PASCAL -> COCO): add `cross=coco20i,cross_root=/data/COCO2014`: all 80 COCO
+  classes minus the 15 the PASCAL fold trained on (65 kept), RePRI's `filter_classes` rule
+  (configs/dsv_lfs_coco.py `cross_domain`); `cross_fold=k` restricts to COCO-20i fold k.
   Without the data or the weights the run stops at once naming each missing path and the
   demo command (the demo runs on the embedded benchmark: configs/dsv_lfs_coco.py:demo).
 
@@ -36,7 +38,7 @@ def get_config(arg=None):
   c.data.test_episodes = 2000  # the published loader
   dsv_lfs_coco.published_training(c, a)
   dsv_lfs_coco.dsv_lfs_model(c, a, "pascal")
-  dsv_lfs_coco.cross_domain(c, a, "coco20i")
+  dsv_lfs_coco.cross_domain(c, a, "pascal5i", "coco20i")
   if a["demo"]:
     dsv_lfs_coco.demo(c, a)
   return c

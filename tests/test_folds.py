@@ -94,3 +94,109 @@ def test_errors_name_value_and_valid_ones():
     folds.fold_classes("fss1000", 1, "test")
   with pytest.raises(ValueError, match="Unknown benchmark"):
     folds.num_classes("ade20k")
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-domain class removal (RePRI's filter_classes; COCO <-> PASCAL names).
+
+# RePRI's figures/coco2pascal.png: the PASCAL classes kept for a COCO-20i fold-f model.
+COCO_TO_PASCAL_KEPT = {
+    0: ["aeroplane", "boat", "chair", "diningtable", "dog", "person"],
+    1: ["bicycle", "bus", "horse", "sofa"],
+    2: ["bird", "car", "pottedplant", "sheep", "train", "tvmonitor"],
+    3: ["bottle", "cat", "cow", "motorbike"],
+}
+# The COCO classes removed for a PASCAL-5i fold-f model (its 15 base classes, COCO spelling,
+# in COCO id order); the other 65 are kept.
+PASCAL_TO_COCO_REMOVED = {
+    0: ["person", "car", "motorcycle", "bus", "train", "cat", "dog", "horse", "sheep", "cow",
+        "chair", "couch", "potted plant", "dining table", "tv"],
+    1: ["person", "bicycle", "motorcycle", "airplane", "train", "boat", "bird", "dog", "horse",
+        "sheep", "bottle", "couch", "potted plant", "dining table", "tv"],
+    2: ["bicycle", "car", "airplane", "bus", "train", "boat", "bird", "cat", "sheep", "cow",
+        "bottle", "chair", "couch", "potted plant", "tv"],
+    3: ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "boat", "bird", "cat",
+        "dog", "horse", "cow", "bottle", "chair", "dining table"],
+}
+
+
+def test_name_map_covers_every_voc_class():
+  assert sorted(folds.VOC_TO_COCO_NAME) == sorted(folds.VOC_CLASS_NAMES)
+  assert set(folds.VOC_TO_COCO_NAME.values()) <= set(folds.COCO_CLASS_NAMES)
+  assert folds.shared_class_name("pascal5i", 0) == "airplane"
+  assert folds.shared_class_name("pascal5i", 19) == "tv"
+  assert folds.shared_class_name("coco20i", 57) == "couch"
+
+
+@pytest.mark.parametrize("fold", range(4))
+def test_coco_to_pascal_keeps_the_classes_the_coco_fold_did_not_train_on(fold):
+  kept, removed = folds.cross_domain_classes("coco20i", fold, "pascal5i")  # all 20 (-1)
+  assert [folds.VOC_CLASS_NAMES[c] for c in kept] == COCO_TO_PASCAL_KEPT[fold]
+  assert sorted(kept + removed) == list(range(20)) and not set(kept) & set(removed)
+  # Kept = exactly the PASCAL classes that are COCO test classes of the fold.
+  coco_test = {folds.COCO_CLASS_NAMES[c] for c in folds.fold_classes("coco20i", fold, "test")}
+  assert {folds.shared_class_name("pascal5i", c) for c in kept} == coco_test & set(
+      folds.VOC_TO_COCO_NAME.values())
+
+
+@pytest.mark.parametrize("fold", range(4))
+def test_pascal_to_coco_removes_the_15_pascal_base_classes(fold):
+  kept, removed = folds.cross_domain_classes("pascal5i", fold, "coco20i")
+  assert [folds.COCO_CLASS_NAMES[c] for c in removed] == PASCAL_TO_COCO_REMOVED[fold]
+  assert len(kept) == 65 and sorted(kept + removed) == list(range(80))
+
+
+def test_cross_domain_with_a_target_fold():
+  # PASCAL fold 0 tests aeroplane, bicycle, bird, boat, bottle; COCO fold 0 trained on
+  # bicycle, bird and bottle.
+  kept, removed = folds.cross_domain_classes("coco20i", 0, "pascal5i", 0)
+  assert kept == [0, 3] and removed == [1, 2, 4]
+  # COCO-20i fold 1 tests bicycle, bus, ..., horse, ..., couch, ...: PASCAL fold 0 trained on
+  # bus, horse and sofa (bicycle is one of its test classes).
+  kept, removed = folds.cross_domain_classes("pascal5i", 0, "coco20i", 1)
+  assert [folds.COCO_CLASS_NAMES[c] for c in removed] == ["bus", "horse", "couch"]
+  assert len(kept) == 17 and "bicycle" in [folds.COCO_CLASS_NAMES[c] for c in kept]
+  with pytest.raises(ValueError, match="fixed class names"):
+    folds.cross_domain_classes("synthetic", 0, "pascal5i")
+  with pytest.raises(ValueError, match=r"fold 4"):
+    folds.cross_domain_classes("coco20i", 4, "pascal5i")
+
+
+def _data(**kw):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  d = dict(dataset="pascal5i", root="", fold=0, shot=1, skip_corrupt=False,
+           cross_domain_from="")
+  d.update(kw)
+  return ml_collections.ConfigDict(d)
+
+
+def test_sources_hook_and_protocol(tmp_path):
+  from fssjax.data import sources  # pylint: disable=import-outside-toplevel
+  data = _data(fold=-1, cross_domain_from="coco20i:0")
+  kept = sources.fold_classes_for(data, "test")
+  assert [folds.VOC_CLASS_NAMES[c] for c in kept] == COCO_TO_PASCAL_KEPT[0]
+  assert sources.fold_classes_for(_data(fold=-1), "test") == list(range(20))
+  assert sources.fold_classes_for(_data(fold=1), "test") == [5, 6, 7, 8, 9]  # unchanged
+  proto = sources.cross_domain_protocol(data)["cross_domain"]
+  assert proto["removed_class_names"] == [
+      n for n in folds.VOC_CLASS_NAMES if n not in COCO_TO_PASCAL_KEPT[0]]
+  assert proto["kept_class_ids"] == kept and proto["trained_on"] == "coco20i"
+  assert sources.cross_domain_protocol(_data()) == {}
+  coco = _data(dataset="coco20i", fold=-1, cross_domain_from="pascal5i:3")
+  removed = [folds.COCO_CLASS_NAMES[c] for c in
+             sorted(set(range(80)) - set(sources.fold_classes_for(coco, "test")))]
+  assert sorted(removed) == sorted(PASCAL_TO_COCO_REMOVED[3])
+  # The PASCAL test source of a cross-domain evaluator indexes only the kept classes.
+  root = tmp_path / "VOC2012"
+  for sub in ("JPEGImages", "SegmentationClassAug", "splits/pascal/val"):
+    (root / sub).mkdir(parents=True)
+  for k in range(4):
+    lines = [f"img{c}__{c + 1}" for c in range(5 * k, 5 * k + 5)]
+    (root / "splits/pascal/val" / f"fold{k}.txt").write_text("\n".join(lines) + "\n")
+  src = sources.build_source(_data(root=str(root), fold=-1, cross_domain_from="coco20i:0"),
+                             "test", cache_dir=str(tmp_path / "cache"))
+  assert src.classes == kept
+  with pytest.raises(ValueError, match="cross_domain_from"):
+    sources.fold_classes_for(_data(cross_domain_from="coco:0"), "test")
+  with pytest.raises(ValueError, match="test split"):
+    sources.fold_classes_for(data, "train")

@@ -20,6 +20,11 @@ Benchmarks (the published protocols):
     classes therefore depend on the annotations: pass `eligible` (and, for 'train', the
     `base_pool` of classes present in the train annotations), or use
     `fssjax.data.lvis.lvis92i_fold_classes`, which computes both from the LVIS JSON files.
+
+Cross-domain (`cross_domain_classes`): a model trained on a fold of one benchmark tested on
+another (COCO-20i <-> PASCAL-5i) is tested on the target's classes (fold -1: all of them)
+minus those its training fold trained on, matched by name (`VOC_TO_COCO_NAME`), as RePRI's
+`filter_classes` (mboudiaf/RePRI-for-Few-Shot-Segmentation, src/dataset/classes.py).
 """
 
 from __future__ import annotations
@@ -185,3 +190,66 @@ def fold_classes(benchmark: str, fold: int, split: str, *,
     return sorted(test)
   test_set = set(test)
   return [c for c in range(n) if c not in test_set]
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-domain evaluation: the target benchmark's test classes that a model trained on another
+# benchmark's fold has seen are removed.
+
+# The COCO name of each PASCAL VOC class (all 20 VOC classes are COCO categories; 6 are
+# spelled differently). RePRI (mboudiaf/RePRI-for-Few-Shot-Segmentation,
+# src/dataset/classes.py) matches the two data sets by name after the same renaming.
+VOC_TO_COCO_NAME: dict[str, str] = {
+    "aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
+    "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv",
+    **{n: n for n in ("bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+                      "dog", "horse", "person", "sheep", "train")}}
+CROSS_DOMAIN_BENCHMARKS: tuple[str, ...] = ("coco20i", "coco20i_contiguous", "pascal5i")
+
+
+def shared_class_name(benchmark: str, class_id: int) -> str:
+  """The name of `class_id` of `benchmark` in COCO's spelling (PASCAL's 'aeroplane' ->
+  'airplane', ...), the key by which classes of different benchmarks are the same class."""
+  name = class_names(benchmark)[int(class_id)]
+  return VOC_TO_COCO_NAME[name] if benchmark == "pascal5i" else name
+
+
+def all_test_classes(benchmark: str, fold: int) -> list[int]:
+  """The test classes of `fold`, or with fold -1 every class of the benchmark (RePRI's
+  `test_split = -1`, the DSV-LFS code's PASCAL 'fold 4': all 20 classes)."""
+  if fold == -1:
+    _check_benchmark(benchmark)
+    if benchmark not in CROSS_DOMAIN_BENCHMARKS:
+      raise ValueError(f"fold -1 (all classes) is defined for {list(CROSS_DOMAIN_BENCHMARKS)}, "
+                       f"not {benchmark!r}")
+    return list(range(_NUM_CLASSES[benchmark]))
+  return fold_classes(benchmark, fold, "test")
+
+
+def cross_domain_classes(train_benchmark: str, train_fold: int, test_benchmark: str,
+                         test_fold: int = -1) -> tuple[list[int], list[int]]:
+  """(kept, removed) test class ids of `test_benchmark` for a model trained on fold
+  `train_fold` of `train_benchmark`.
+
+  The RePRI cross-domain rule (mboudiaf/RePRI-for-Few-Shot-Segmentation,
+  src/dataset/classes.py `filter_classes`; config_files/coco2pascal.yaml: trained on COCO-20i
+  fold f, tested on PASCAL with `test_split: -1`, all 20 classes): the candidate classes are
+  the test classes of `test_fold` (-1: all classes of `test_benchmark`), and every candidate
+  whose name (`shared_class_name`) is among the training (base) classes of `train_fold` of
+  `train_benchmark` is removed. Both lists are sorted class ids of `test_benchmark`.
+
+  Raises:
+    ValueError: a benchmark without fixed class names (only `CROSS_DOMAIN_BENCHMARKS`), or an
+      invalid fold (naming the value and the valid ones).
+  """
+  for b in (train_benchmark, test_benchmark):
+    _check_benchmark(b)
+    if b not in CROSS_DOMAIN_BENCHMARKS:
+      raise ValueError(f"Cross-domain class removal needs fixed class names: benchmark {b!r} "
+                       f"is not one of {list(CROSS_DOMAIN_BENCHMARKS)}")
+  seen = {shared_class_name(train_benchmark, c)
+          for c in fold_classes(train_benchmark, train_fold, "train")}
+  candidates = all_test_classes(test_benchmark, test_fold)
+  kept = [c for c in candidates if shared_class_name(test_benchmark, c) not in seen]
+  removed = [c for c in candidates if shared_class_name(test_benchmark, c) in seen]
+  return kept, removed

@@ -16,6 +16,13 @@
 Splits: 'train' and 'test' everywhere ('val' is the test split for COCO, PASCAL and LVIS, which
 have no separate validation split); FSS-1000 has its own 'val' classes.
 `fold_classes_for(data, split)` gives the class ids that episodes of `split` draw from.
+
+Cross-domain evaluation (a model trained on one benchmark tested on another): `data.fold = -1`
+tests every class of the benchmark (coco20i, coco20i_contiguous, pascal5i; RePRI's
+`test_split: -1`), and `data.cross_domain_from = '<benchmark>:<fold>'` (the benchmark and fold
+the model trained on) removes the test classes that fold trained on, matched by name through
+the COCO <-> PASCAL name map (`fssjax.data.folds.cross_domain_classes`, RePRI's
+`filter_classes`). `cross_domain_protocol(data)` lists the removed classes for results files.
 `missing_inputs(data, splits)` is a cheap check (paths only) run before a job starts.
 """
 
@@ -75,6 +82,15 @@ def build_source(data, split: str, cache_dir: str | None = None) -> Segmentation
     return coco.coco20i(root, split, cache_dir=cache_dir, skip_corrupt=skip)
   if ds == "pascal5i":
     from fssjax.data import pascal  # pylint: disable=import-outside-toplevel
+    if fold == -1 or _cross_domain_from(data):
+      # All classes (fold -1) and / or cross-domain removal: the index holds the test classes.
+      if split == "train":
+        raise ValueError("data.fold = -1 / data.cross_domain_from are for the test split "
+                         "(cross-domain evaluation), not for training")
+      classes = fold_classes_for(data, split)
+      tag = "all" if fold == -1 else f"fold{fold}"
+      return pascal.PascalSource(root, split, classes=classes, cache_dir=cache_dir,
+                                 skip_corrupt=skip, name=f"pascal5i-{tag}-val")
     folds.fold_classes("pascal5i", fold, "test")  # validates the fold
     return pascal.pascal5i(root, split, fold, cache_dir=cache_dir, skip_corrupt=skip)
   if ds == "fss1000":
@@ -119,11 +135,21 @@ def fold_classes_for(data, split: str, source: SegmentationSource | None = None,
   """Class ids that episodes of `split` draw from for `data` (fold data.fold).
 
   'train' gives the fold's base classes, 'test' (and 'val' outside FSS-1000) its novel classes;
-  FSS-1000 'val' gives the 240 val classes. LVIS-92i needs the annotation counts: `source` (the
+  FSS-1000 'val' gives the 240 val classes. Cross-domain (test splits only): data.fold -1 gives
+  all classes, and data.cross_domain_from removes the classes its fold trained on (see the
+  module docstring). LVIS-92i needs the annotation counts: `source` (the
   split's LvisSource) is used when given, the other split is read from data.root.
   """
   bench = benchmark_of(data)
   fold = int(_get(data, "fold", 0))
+  cross = _cross_domain_from(data)
+  if cross or fold == -1:
+    if split == "train":
+      raise ValueError("data.fold = -1 / data.cross_domain_from are for the test split "
+                       "(cross-domain evaluation), not for training")
+    if not cross:
+      return folds.all_test_classes(bench, fold)
+    return folds.cross_domain_classes(cross[0], cross[1], bench, fold)[0]
   if bench == "fss1000":
     return folds.fold_classes(bench, 0, {"trn": "train"}.get(split, split))
   fold_split = "train" if split == "train" else "test"
@@ -136,3 +162,36 @@ def fold_classes_for(data, split: str, source: SegmentationSource | None = None,
   kw = {"val_source": source} if fold_split == "test" else {"train_source": source}
   return lvis.lvis92i_fold_classes(_get(data, "root", ""), fold, fold_split, shot=shot,
                                    cache_dir=cache_dir, **kw)
+
+
+def _cross_domain_from(data) -> tuple[str, int] | None:
+  """(benchmark, fold) of `data.cross_domain_from` ('<benchmark>:<fold>'), None when ''."""
+  spec = str(_get(data, "cross_domain_from", "") or "")
+  if not spec:
+    return None
+  bench, sep, fold = spec.rpartition(":")
+  if not sep or bench not in folds.CROSS_DOMAIN_BENCHMARKS or not fold.lstrip("-").isdigit():
+    raise ValueError(f"data.cross_domain_from = {spec!r}: expected '<benchmark>:<fold>' naming "
+                     f"the benchmark and fold the model trained on, with the benchmark one of "
+                     f"{list(folds.CROSS_DOMAIN_BENCHMARKS)} (e.g. 'coco20i:0')")
+  folds.fold_classes(bench, int(fold), "train")  # validates the fold
+  return bench, int(fold)
+
+
+def cross_domain_protocol(data) -> dict:
+  """{} without `data.cross_domain_from`; else {'cross_domain': {...}} for results files: the
+  training benchmark and fold, the target fold (-1: all classes), the rule, and the removed
+  and kept class ids and names of the target benchmark."""
+  cross = _cross_domain_from(data)
+  if not cross:
+    return {}
+  bench = benchmark_of(data)
+  fold = int(_get(data, "fold", 0))
+  kept, removed = folds.cross_domain_classes(cross[0], cross[1], bench, fold)
+  names = folds.class_names(bench)
+  return {"cross_domain": dict(
+      trained_on=cross[0], trained_fold=cross[1], tested_on=bench, tested_fold=fold,
+      rule=("RePRI filter_classes: the target's test classes (fold -1: all) minus those the "
+            "training fold trained on, matched by name (COCO <-> PASCAL names)"),
+      removed_class_ids=removed, removed_class_names=[names[c] for c in removed],
+      kept_class_ids=kept, kept_class_names=[names[c] for c in kept])}
