@@ -68,3 +68,36 @@ def test_groups_are_cut_at_max_group_bytes():
                   jax.tree.leaves(jax.jit(_init)(key, x))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert _random_bits_calls(jax.make_jaxpr(small)(key, x)) == 6
+
+
+class _Initialisers(nn.Module):
+  """Every initialiser family the methods draw from (lecun / he / xavier, truncated, uniform,
+  plain normal) on shapes that repeat, as in a UNet."""
+
+  @nn.compact
+  def __call__(self, x):
+    inits = [nn.initializers.lecun_normal(), nn.initializers.he_normal(),
+             nn.initializers.xavier_uniform(), nn.initializers.truncated_normal(0.02),
+             nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+             nn.initializers.normal(0.02)]
+    for i, init in enumerate(inits):
+      x = nn.Conv(8, (3, 3), kernel_init=init, name=f"conv{i}")(x)
+      x = nn.Dense(8, kernel_init=init, bias_init=nn.initializers.normal(0.1),
+                   name=f"dense{i}")(x)
+    return x
+
+
+def test_init_compiler_options_keep_the_values():
+  # The trainer compiles its init with INIT_COMPILER_OPTIONS on CPU (LLVM -O1, for start-up
+  # time): the parameters must be those of the default compilation, bit for bit.
+  options = batched_rng.init_compiler_options()
+  assert options == (batched_rng.INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu"
+                     else None)
+  key, x = jax.random.PRNGKey(5), jnp.zeros((1, 8, 8, 4))
+  fn = batched_rng.batch_random(_Initialisers().init)
+  want = jax.jit(fn)(key, x)
+  got = jax.jit(fn, compiler_options=options)(key, x)
+  leaves = jax.tree.leaves(want)
+  assert len(leaves) == 24
+  for a, b in zip(jax.tree.leaves(got), leaves):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
