@@ -8,7 +8,10 @@ A checkpoint step holds, written together (`ocp.args.Composite`):
   * `meta`: a small JSON dict (config fingerprint, frozen-weights fingerprint, ...).
 
 Retention: the newest `keep` steps plus the single best step by a validation metric
-(`best_metric`, higher is better; steps saved without metrics never count as best). Saves are
+(`best_metric`, higher is better; steps saved without metrics never count as best). A step's
+metrics are given to `save`, or recorded after it by `record_metrics` (the training loop
+saves a step before evaluating it, so that a kill during the evaluation keeps the step; the
+metrics then go to `<directory>/eval_metrics.json`, which ranking and retention read too). Saves are
 atomic by orbax's design: a step is written to `<step>.orbax-checkpoint-tmp-*` and renamed
 when complete, so a half-written checkpoint is never listed or restored.
 
@@ -19,8 +22,10 @@ not match the model raises a ValueError that names the parameter path and both s
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -30,6 +35,23 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 PyTree = Any
 
 STATE, DATA, META = "state", "data", "meta"
+METRICS_FILE = "eval_metrics.json"
+
+
+@dataclasses.dataclass
+class _KeepBest:
+  """Orbax preservation policy: keeps the step with the highest metric, read from the
+  checkpoint's own metrics or else from the recorded ones (`Checkpointer.record_metrics`)."""
+
+  metric_of: Any  # (step, orbax metrics or None) -> float | None
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any = None
+                      ) -> Sequence[bool]:
+    del context
+    scored = [(v, c.step) for c in checkpoints
+              if (v := self.metric_of(c.step, c.metrics)) is not None]
+    best = max(scored)[1] if scored else None
+    return [c.step == best for c in checkpoints]
 
 
 def _grain_handler():
@@ -90,12 +112,10 @@ class Checkpointer:
     self.best_metric = best_metric
     # After `restore` with a data iterator: whether its state was restored (None: not asked).
     self.last_restore_data_state: bool | None = None
+    self.read_only = read_only
     metric = lambda m: float(m[best_metric])  # noqa: E731
     policy = ocp_managers.AnyPreservationPolicy([
-        ocp_managers.LatestN(n=keep),
-        ocp_managers.BestN(get_metric_fn=metric, reverse=False, n=1,
-                           keep_checkpoints_without_metrics=False),
-    ])
+        ocp_managers.LatestN(n=keep), _KeepBest(self._metric_value)])
     options = ocp.CheckpointManagerOptions(
         best_fn=metric, best_mode="max", preservation_policy=policy,
         enable_async_checkpointing=async_save, read_only=read_only,
@@ -116,13 +136,36 @@ class Checkpointer:
   def best_step(self) -> int | None:
     """The step with the highest `best_metric` (ties: the later step), or None when no kept
     step has metrics."""
-    steps = [s for s in self.all_steps() if self.metrics(s) is not None]
-    if not steps:
-      return None
-    return self._manager.best_step()
+    scored = [(v, s) for s in self.all_steps()
+              if (v := self._metric_value(s, self._manager.metrics(s))) is not None]
+    return max(scored)[1] if scored else None
 
   def metrics(self, step: int) -> dict | None:
-    return self._manager.metrics(step)
+    """The step's metrics: given to `save`, else recorded by `record_metrics`, else None."""
+    return self._manager.metrics(step) or self._recorded().get(str(int(step)))
+
+  def _recorded(self) -> dict:
+    path = os.path.join(self.directory, METRICS_FILE)
+    if not os.path.exists(path):
+      return {}
+    with open(path) as f:
+      return json.load(f)
+
+  def _metric_value(self, step: int, saved: dict | None) -> float | None:
+    m = saved or self._recorded().get(str(int(step)))
+    if not m or m.get(self.best_metric) is None:
+      return None
+    return float(m[self.best_metric])
+
+  def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    """Records validation metrics of an already saved step (ranks it for `best_step` and
+    retention). Written atomically by the lead process to `<directory>/eval_metrics.json`."""
+    if jax.process_index() != 0:
+      return
+    from fssjax import utils  # pylint: disable=g-import-not-at-top
+    recorded = self._recorded()
+    recorded[str(int(step))] = {k: float(v) for k, v in metrics.items()}
+    utils.atomic_write_json(os.path.join(self.directory, METRICS_FILE), recorded, indent=1)
 
   def meta(self, step: int) -> dict:
     restored = self._manager.restore(

@@ -95,27 +95,114 @@ def preflight(config: ml_collections.ConfigDict, *, train: bool = True) -> None:
   """
   from fssjax.data import sources  # pylint: disable=g-import-not-at-top
   problems = sources.missing_inputs(config.data, ("train", "test") if train else ("test",))
-  problems += get_method_class(config).missing_inputs(config)
+  dense = missing_dense_data(config, train=train)
+  keys = {p.split(":", 1)[0] for p in dense}
+  problems += dense
+  # (a method's own line for a dense block reported above is left out: no repetition)
+  problems += [p for p in get_method_class(config).missing_inputs(config)
+               if p.split(":", 1)[0] not in keys]
   if problems:
     raise MissingInputsError(
         f"{len(problems)} input(s) of this config are missing (working directory "
-        f"{os.getcwd()}):\n" + "\n".join(f"  - {p}" for p in problems))
+        f"{os.getcwd()}):\n" + "\n".join(
+            "  - " + p.replace("\n", "\n    ") for p in problems))
+
+
+def missing_dense_data(config: ml_collections.ConfigDict, *, train: bool = True) -> list[str]:
+  """One entry per dense data block (`data.train` when training, `evals.*.data` of dense
+  evaluators) of a registered benchmark layout (`fssjax.data.dense.LAYOUTS`) whose root is
+  not there: '<key>: <benchmark>: data not found under root ... (looked in ...).' followed by
+  the expected folder layout (further lines). For every method."""
+  from fssjax.data import dense  # pylint: disable=g-import-not-at-top
+  from fssjax.data.base import DataError  # pylint: disable=g-import-not-at-top
+  blocks = []
+  block = config.get("data", {}).get("train", None)
+  if train and block:
+    blocks.append(("data.train", block))
+  for name, spec in (config.get("evals", None) or {}).items():
+    if spec.get("type", "") == "dense" and spec.get("data", None):
+      blocks.append((f"evals.{name}.data", spec.data))
+  out, shown = [], set()
+  for key, data in blocks:
+    ds = str(data.get("dataset", ""))
+    if ds not in dense.LAYOUTS:
+      continue
+    try:
+      dense.resolve_root(ds, str(data.get("root", "") or ""))
+    except DataError as e:
+      first, _, layout = str(e).partition("\n")
+      if ds in shown or not layout:
+        out.append(f"{key}: {first}" + (" (expected layout: above)" if layout else ""))
+      else:
+        out.append(f"{key}: {first}\n{layout}")
+      shown.add(ds)
+  return out
 
 
 # Keys that must match between a checkpoint's config and the one resuming / evaluating it.
 _RUN_KEYS = ("method", "data.dataset", "data.fold", "data.image_size", "model.")
 _RESUME_KEYS = _RUN_KEYS + ("train.batch_size", "train.grad_accum", "data.shot",
-                            "data.train_shot_max", "seed")
+                            "data.train_shot_max", "data.train.", "seed")
+
+
+# Keys that only affect evaluation (not the trained parameters): a finished run whose stored
+# evaluation differs in them is evaluated again (`fssjax.train`). `every` (only the cadence)
+# is left out. A method adds its own evaluation-only model keys with the class attribute
+# `evaluation_keys` (e.g. `evaluation_keys = ('candidates',)`: `model.candidates`), which
+# the run / resume checks (`check_stored_config(..., ignore=method_evaluation_keys(config))`)
+# then do not count as a model change.
+_EVAL_KEYS = ("evals.", "eval.", "data.test_episodes", "data.test_seed", "data.eval_resolution",
+              "data.max_original_size", "data.support_check_size")
+_EVAL_IGNORED_LEAVES = ("every",)
+
+
+def method_evaluation_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """'model.<key>' for each key the method of `config` declares evaluation-only (its class
+  attribute `evaluation_keys`, default none)."""
+  try:
+    cls = get_method_class(config)
+  except Exception:  # pylint: disable=broad-except
+    return ()
+  return tuple(f"model.{k}" for k in getattr(cls, "evaluation_keys", ()) or ())
+
+
+def evaluation_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Every config key (prefix) that only affects evaluation: `evals.*`, `eval.*`, the test
+  episodes' data keys (`data.test_episodes`, `data.test_seed`, ...) and the method's
+  `evaluation_keys`."""
+  return _EVAL_KEYS + method_evaluation_keys(config)
+
+
+def evaluation_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{flat key: value} of the evaluation part of `config` (`evaluation_keys`, without the
+  cadence `every`): what a finished run's results.json records of how it was evaluated."""
+  keys = evaluation_keys(config)
+  flat = _flat(json.loads(config_json(config)))
+  try:  # the method's evaluation-only model keys at their defaults when not set
+    defaults = dict(getattr(get_method_class(config), "MODEL_DEFAULTS", {}) or {})
+  except Exception:  # pylint: disable=broad-except
+    defaults = {}
+  for key in method_evaluation_keys(config):
+    name = key[len("model."):]
+    if key not in flat and name in defaults:
+      flat[key] = _flat({"v": defaults[name]})["v"] if not isinstance(
+          defaults[name], Mapping) else defaults[name]
+  return {k: v for k, v in sorted(flat.items())
+          if _matches(k, keys) and k.rsplit(".", 1)[-1] not in _EVAL_IGNORED_LEAVES}
+
+
+def _matches(k: str, keys: tuple[str, ...]) -> bool:
+  return any(k == p or (p.endswith(".") and k.startswith(p)) for p in keys)
 
 
 def config_differences(stored: Mapping[str, Any], current: ml_collections.ConfigDict,
-                       keys: tuple[str, ...]) -> list[str]:
-  """'key: stored -> current' for each of `keys` (a trailing '.' takes the whole section)."""
+                       keys: tuple[str, ...], ignore: tuple[str, ...] = ()) -> list[str]:
+  """'key: stored -> current' for each of `keys` (a trailing '.' takes the whole section),
+  leaving out those matching `ignore` (e.g. `method_evaluation_keys(config)`)."""
   a, b = _flat(stored), _flat(json.loads(config_json(current)))
   out = []
   for k in sorted(set(a) | set(b)):
-    if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keys) and \
-        a.get(k) != b.get(k):
+    if _matches(k, keys) and not _matches(k, ignore) and a.get(k) != b.get(k):
       out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
   return out
 
@@ -131,13 +218,15 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_stored_config(meta: Mapping[str, Any], config: ml_collections.ConfigDict, *,
-                        keys: tuple[str, ...], allow: bool, what: str) -> list[str]:
+                        keys: tuple[str, ...], allow: bool, what: str,
+                        ignore: tuple[str, ...] = ()) -> list[str]:
   """Refuses (ConfigMismatchError) a config that differs from the checkpoint's in `keys`
-  unless `allow`; returns the differences (logged as a warning when allowed)."""
+  (other than `ignore`) unless `allow`; returns the differences (logged as a warning when
+  allowed)."""
   stored = meta.get("config")
   if not stored:
     return []
-  diff = config_differences(stored, config, keys)
+  diff = config_differences(stored, config, keys, ignore)
   if diff and not allow:
     raise ConfigMismatchError(
         f"The config differs from the one the checkpoint was trained with, so {what} would "

@@ -154,6 +154,9 @@ def base_config():
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=8,
       num_summary_images=4,
+      # The evaluator whose mIoU is the headline (results.json 'results', the best
+      # checkpoint); '' = the first of config.evals.
+      primary="",
   ))
   c.evals = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict()

@@ -16,19 +16,26 @@ evaluator's name), `batch_size` (global; default `eval.batch_size`), `data` (ove
 `config.data` for this evaluator), `model` (overrides of `config.model` for this evaluator:
 the same trained params evaluated under another inference setting, for example a prompt-mode
 ablation `model=dict(eval_prompt_mode='visual')`; unknown keys are refused). Without `config.evals` there is one episodic evaluator,
-`fewshot`, exactly as before (prefix 'eval', cadence `train.eval_every`).
+`fewshot`, exactly as before (prefix 'eval', cadence `train.eval_every`). `eval.primary`
+names the evaluator whose mIoU is the run's headline (results.json's 'results', the best
+checkpoint); default: the first of `config.evals` (a ConfigDict lists its keys sorted).
 
   * `episodic` (`EpisodicEvaluator`): the published few-shot protocol on the fixed test
     episodes of `config.data` (`fssjax.evaluate.evaluate`, unchanged numbers). The headline
     mIoU averages over the fold classes that could be evaluated; the classes left out (fewer
     than K + 1 images: no episode) are listed and the published logger's mean over all fold
     classes is reported beside it (`miou_all_classes`). Extra key: `num_summary_images`.
-  * `dense` (`DenseEvaluator`): semantic segmentation as detectron2's `SemSegEvaluator`
-    (open-vocabulary benchmarks): one confusion matrix over the split, accumulated on the
-    devices over the global batch (so over all devices and hosts), IoU per class, mIoU and
-    mean accuracy over the classes present in the ground truth, frequency-weighted IoU, pixel
-    accuracy, an ignore label per data set (255; 65535 for the 16-bit label maps of
-    ADE20K-847 and PASCAL-Context-459). The method must implement `predict_dense` (see
+  * `dense` (`DenseEvaluator`): semantic segmentation with the open-vocabulary protocol
+    (whole image, shorter side `data.image_size` (640), longer side capped by `data.max_size`
+    (2560), batches padded to a common size that is never scored, scores resized back to
+    each label map; the method's per-image inputs such as priors), scored as detectron2's
+    `SemSegEvaluator`; extra keys `candidates` ('dataset' (default): the set's class names;
+    'description': the names each image's description gives) and `num_summary_images`
+    (pictures of image | truth | prediction in a fixed palette): one confusion matrix over
+    the split, accumulated on the devices over the global batch (so over all devices and
+    hosts), IoU per class, mIoU and mean accuracy over the classes present in the ground
+    truth, frequency-weighted IoU, pixel accuracy, an ignore label per data set (255; 65535
+    for the 16-bit label maps of ADE20K-847 and PASCAL-Context-459). The method must implement `predict_dense` (see
     `DenseMethod`); the data come from a `DenseSource` (see `dense_source`).
   * `retrieval` (`fssjax.methods.retrieval.make_evaluator`): LLM-guided support retrieval on
     the same queries as `episodic`: true novel-class supports, then supports from base classes
@@ -44,7 +51,7 @@ Use:
   suite = evaluators.from_config(config, method, mesh)   # builds each evaluator's test data
   if suite.due(step, is_last):
     results = suite.run(params, frozen, step, writer)    # {evaluator name: results dict}
-    best = suite.headline(results)                        # the first evaluator's mIoU
+    best = suite.headline(results)                        # the primary evaluator's mIoU
     logging.info("%s", suite.summary_line(results))
     suite.write_results(outdir, "train", step, results, config)  # fssjax.results files
 """
@@ -78,7 +85,7 @@ EVALUATOR_TYPES = ("episodic", "dense", "retrieval")
 DEFAULT_NAME = "fewshot"
 _COMMON_KEYS = ("type", "every", "prefix", "batch_size", "data", "model")
 _KEYS = {"episodic": _COMMON_KEYS + ("num_summary_images",),
-         "dense": _COMMON_KEYS,
+         "dense": _COMMON_KEYS + ("candidates", "num_summary_images"),
          "retrieval": _COMMON_KEYS + ("num_summary_images", "rankers", "top_r", "llm",
                                       "descriptions", "seed", "similarity")}
 
@@ -181,7 +188,11 @@ class Evaluator(abc.ABC):
     return float(results["miou"])
 
   def summary_line(self, results: Mapping[str, Any]) -> str:
-    return monitoring.summary_line(results)
+    """One line of the headline numbers; with the candidate mode when the protocol has one
+    (a dense evaluator's `candidates`: 'dataset' or 'description')."""
+    line = monitoring.summary_line(results)
+    candidates = (results.get("protocol") or {}).get("candidates")
+    return f"{line} (candidates: {candidates})" if candidates else line
 
   @abc.abstractmethod
   def protocol(self) -> dict:
@@ -327,11 +338,14 @@ class EpisodicEvaluator(Evaluator):
     d = self.config.data
     resolution = ("original" if str(d.get("eval_resolution", "resized")) == "original"
                   else f"{int(d.image_size)}x{int(d.image_size)}")
-    return dict(evaluator="episodic", benchmark=data.benchmark, dataset=str(d.dataset),
-                fold=int(d.fold), episodes=len(data.episodes), resolution=resolution,
-                manifest_sha256=data.manifest_sha256, test_seed=data.test_seed,
-                kshot=data.shot, class_ids=list(data.class_ids),
-                left_out_classes=list(data.left_out), support_policy=data.policy)
+    from fssjax.data import sources  # pylint: disable=g-import-not-at-top
+    out = dict(evaluator="episodic", benchmark=data.benchmark, dataset=str(d.dataset),
+               fold=int(d.fold), episodes=len(data.episodes), resolution=resolution,
+               manifest_sha256=data.manifest_sha256, test_seed=data.test_seed,
+               kshot=data.shot, class_ids=list(data.class_ids),
+               left_out_classes=list(data.left_out), support_policy=data.policy)
+    out.update(sources.cross_domain_protocol(d))  # the removed classes of a cross-domain run
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,12 +377,19 @@ class DenseSource(Protocol):
 class DenseMethod(Protocol):
   """What the dense evaluator needs from a method (besides `evaluators` containing 'dense').
 
-  `predict_dense(params, frozen, batch, class_names)` gets `batch['image']` [B, S, S, 3]
-  float32 normalised by `method.normalization` (the whole image resized to S x S,
-  `data.image_size`) and the class names as a static tuple of str (text can be tokenised and
-  embedded at trace time), and returns logits [B, h, w, C] (C = len(class_names)) at any
-  resolution; the evaluator upsamples them bilinearly (half-pixel centres, as detectron2's
-  `sem_seg_postprocess`) to each image's label size and takes the argmax.
+  `predict_dense(params, frozen, batch, class_names)` gets `batch['image']` [B, Hp, Wp, 3]
+  float32 normalised by `method.normalization` (each whole image resized per the protocol of
+  `DenseEvaluator` and zero-padded bottom / right to the batch's common size), the rows of
+  the method's per-image arrays (`Method.dense_inputs(source, 'eval').per_image`, e.g.
+  priors) and the class names as a static tuple of str (text can be tokenised and embedded
+  at trace time), and returns scores [B, h, w, C] (C = len(class_names)) over the padded
+  input at any resolution; the evaluator maps them back to each image's label size
+  (`protocol_matrix`) and takes the argmax.
+
+  The candidate-free mode (`candidates='description'`) also needs
+  `class_embeddings(names) -> [K, D]` and `dense_inputs(...).candidates`; `predict_dense`
+  then receives `batch['class_embeddings']` [B, K, D] (each image's candidates) and must
+  return [B, h, w, K], one column per candidate.
   """
 
   normalization: str
@@ -491,19 +512,32 @@ def _dense_predict(method, names: tuple[str, ...]):
   return per_method[names]
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "ignore"))
-def _dense_confusion(logits, labels, interp_h, interp_w, sizes, *, num_classes: int,
-                     ignore: int):
-  """Upsampled argmax vs truth -> confusion matrix [C, C] int32 summed over the global batch.
-
-  logits [B, h, w, C]; labels [B, Hb, Wb] int32 (ignore outside each image); interp_h
-  [B, Hb, h], interp_w [B, Wb, w] zero-padded bilinear matrices; sizes [B, 2] (0 for padding
-  rows).
-  """
+def _dense_labels(logits, interp_h, interp_w, column_valid=None, class_map=None):
+  """Predicted label maps [B, Hb, Wb] int32: logits [B, h, w, K] resized by the per-image
+  matrices interp_h [B, Hb, h] and interp_w [B, Wb, w], argmax over the valid columns
+  (`column_valid` [B, K]), mapped to data set classes by `class_map` [B, K] when given."""
   hi = jax.lax.Precision.HIGHEST
   x = jnp.einsum("bih,bhwc->biwc", interp_h, logits.astype(jnp.float32), precision=hi)
   x = jnp.einsum("bjw,biwc->bijc", interp_w, x, precision=hi)
+  if column_valid is not None:
+    x = jnp.where(column_valid[:, None, None, :], x, -jnp.inf)
   pred = jnp.argmax(x, axis=-1).astype(jnp.int32)
+  if class_map is not None:
+    pred = jnp.take_along_axis(class_map, pred.reshape(pred.shape[0], -1), axis=1).reshape(
+        pred.shape)
+  return pred
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "ignore"))
+def _dense_confusion(logits, labels, interp_h, interp_w, sizes, column_valid=None,
+                     class_map=None, *, num_classes: int, ignore: int):
+  """Upsampled argmax vs truth -> confusion matrix [C, C] int32 summed over the global batch.
+
+  logits [B, h, w, K]; labels [B, Hb, Wb] int32 (ignore outside each image); interp_h
+  [B, Hb, h], interp_w [B, Wb, w] zero-padded interpolation matrices; sizes [B, 2] (0 for
+  padding rows); column_valid / class_map as in `_dense_labels`.
+  """
+  pred = _dense_labels(logits, interp_h, interp_w, column_valid, class_map)
   hb, wb = labels.shape[1:]
   rows = jnp.arange(hb)[None, :, None] < sizes[:, 0, None, None]
   cols = jnp.arange(wb)[None, None, :] < sizes[:, 1, None, None]
@@ -511,27 +545,153 @@ def _dense_confusion(logits, labels, interp_h, interp_w, sizes, *, num_classes: 
   return metrics.confusion_matrix(pred, labels, num_classes, ignore=ignore)
 
 
+_dense_labels_jit = jax.jit(_dense_labels)
+
+DENSE_RESIZES = ("shortest_edge", "square")
+DENSE_CANDIDATES = ("dataset", "description")
+# Keys of a dense evaluator's `data` block that set the protocol (the rest build the source).
+DENSE_PROTOCOL_KEYS = ("image_size", "max_size", "resize", "size_divisibility",
+                       "max_original_size", "ignore_label")
+
+
+def palette(n: int = 256) -> np.ndarray:
+  """The fixed label-map palette: PASCAL VOC's bit-interleaved colour map (uint8 [n, 3])."""
+  out = np.zeros((n, 3), np.uint8)
+  for i in range(n):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    out[i] = (r, g, b)
+  return out
+
+
+def colorize(label: np.ndarray, ignore: int = 255) -> np.ndarray:
+  """Label map [H, W] -> uint8 [H, W, 3] in the fixed palette: class k has VOC colour k + 1
+  (modulo 256), ignored pixels are white."""
+  pal = palette(256)
+  label = np.asarray(label).astype(np.int64)
+  out = pal[np.where(label == ignore, 0, (label + 1) % 256)]
+  out[label == ignore] = 255
+  return out
+
+
+def example_picture(examples, ignore: int = 255) -> np.ndarray:
+  """Rows of [image | truth | prediction] (fixed palette) as one uint8 [H, W, 3] picture
+  (rows of different widths padded white on the right)."""
+  rows = [np.concatenate([np.asarray(image, np.uint8), colorize(truth, ignore),
+                          colorize(pred, ignore)], 1) for image, truth, pred in examples]
+  if not rows:
+    return np.zeros((8, 8, 3), np.uint8)
+  width = max(r.shape[1] for r in rows)
+  rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+          for r in rows]
+  return np.concatenate(rows, 0)
+
+
+def protocol_matrix(logit_size: int, input_size: int, resized: int, label_size: int,
+                    shortest_edge: bool = True) -> np.ndarray:
+  """[label_size, logit_size] float32: the linear map from one axis of a prediction's scores
+  to the label map (half-pixel bilinear, PyTorch `F.interpolate(align_corners=False)`).
+
+  shortest_edge: detectron2 / Mask2Former inference on a padded batch: the scores are
+  upsampled to the padded input size `input_size`, cropped to the resized image
+  (`resized` pixels, at the top / left), and that crop resized to `label_size`
+  (`sem_seg_postprocess`). Otherwise (a whole image resized to a square input) the scores
+  are resized to `label_size` directly.
+  """
+  if not shortest_edge:
+    return evaluate._interp(logit_size, label_size, False)  # pylint: disable=protected-access
+  up = evaluate._interp(logit_size, input_size, False)[:resized]  # pylint: disable=protected-access
+  back = evaluate._interp(resized, label_size, False)  # pylint: disable=protected-access
+  return (back.astype(np.float64) @ up.astype(np.float64)).astype(np.float32)
+
+
+def _allgather_max(values: np.ndarray) -> np.ndarray:
+  """Elementwise max of a small int array over all processes (identity with one process)."""
+  values = np.asarray(values, np.int64)
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+
+
+_DENSE_INPUTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
 class DenseEvaluator(Evaluator):
-  """Semantic segmentation scores of `method.predict_dense` on a `DenseSource`."""
+  """Semantic segmentation scores of `method.predict_dense` on a `DenseSource`, with the
+  open-vocabulary protocol (detectron2's inference as used by MaskFormer / Mask2Former,
+  FC-CLIP, CAT-Seg, SAN).
+
+  Data keys (the evaluator's `data` block; the others build the source):
+    image_size: the shorter side of the network input (default 640).
+    max_size: the cap on the longer side (default 2560, detectron2's `ResizeShortestEdge`).
+    resize: 'shortest_edge' (default, the protocol: `fssjax.data.dense.resize_for_eval`,
+      PIL bilinear) or 'square' (the whole image to image_size x image_size, for methods
+      with a fixed square input; scores resized straight to the label size).
+    size_divisibility: the batch's padded input is a multiple of it (default 32).
+    ignore_label: overrides the source's.
+
+  Per global batch, every image is resized, normalised by `method.normalization` and padded
+  bottom / right with zeros to the largest resized size in the batch (rounded up to
+  `size_divisibility`); the method sees `batch['image']` [B, Hp, Wp, 3] plus the rows of its
+  per-image arrays (`method.dense_inputs(source, 'eval').per_image`, e.g. LLMFormer's
+  priors). Its scores [B, h, w, K] are upsampled to the padded input, cropped to each image
+  and resized to the label's size (`protocol_matrix`, one matrix per axis and image: the
+  padding is never scored), and the argmax is scored by detectron2's `SemSegEvaluator`
+  rule (`fssjax.metrics.DenseAccumulator`). The scores are resized after the method's
+  semantic inference (Mask2Former resizes the mask logits first).
+
+  candidates: 'dataset' (the evaluated set's class names) or 'description' (no list given:
+  each image's candidates are the names its description gives,
+  `method.dense_inputs(...).candidates`; `batch['class_embeddings']` [B, K, D] carries their
+  embeddings (`method.class_embeddings`, padded; padded columns never win), and each
+  candidate's pixels are scored as the data set class whose name embedding is nearest
+  (cosine). An image whose description names nothing is predicted as class 0.
+  """
 
   type = "dense"
 
   def __init__(self, name: str, data_config: ml_collections.ConfigDict, *, every: int,
-               prefix: str, batch_size: int, mesh=None, source: DenseSource | None = None):
+               prefix: str, batch_size: int, mesh=None, source: DenseSource | None = None,
+               candidates: str = "dataset", num_summary: int = 0, inputs=None):
+    """`source`: prebuilt (default: built from `data_config`); `inputs`: prebuilt per-image
+    inputs (`fssjax.methods.base.DenseInputs`; default: `method.dense_inputs(source, 'eval')`);
+    `num_summary`: images kept for the picture (`last_examples`, and TensorBoard)."""
     super().__init__(name, every=every, prefix=prefix)
+    self._inputs = inputs
+    self.last_examples: list = []
     self.data_config = data_config
     self.batch_size = int(batch_size)
-    self.image_size = int(data_config.get("image_size", 512))
-    self.max_size = int(data_config.get("max_original_size", 2048))
+    self.image_size = int(data_config.get("image_size", 640))
+    self.max_size = int(data_config.get("max_size", 2560))
+    self.resize = str(data_config.get("resize", "shortest_edge"))
+    self.size_divisibility = int(data_config.get("size_divisibility", 32))
+    self.candidates = str(candidates or "dataset")
+    self.num_summary = int(num_summary)
     self.mesh = mesh
     self._source = source
     if self.batch_size < 1:
       raise ValueError(f"evals.{name}.batch_size={batch_size} must be >= 1")
+    if self.resize not in DENSE_RESIZES:
+      raise ValueError(f"evals.{name}.data.resize={self.resize!r}; expected one of "
+                       f"{list(DENSE_RESIZES)}")
+    if self.candidates not in DENSE_CANDIDATES:
+      raise ValueError(f"evals.{name}.candidates={self.candidates!r}; expected one of "
+                       f"{list(DENSE_CANDIDATES)}")
+    if self.image_size < 1 or self.size_divisibility < 1:
+      raise ValueError(f"evals.{name}.data: image_size={self.image_size} and "
+                       f"size_divisibility={self.size_divisibility} must be >= 1")
 
   @property
   def source(self) -> DenseSource:
     if self._source is None:
-      self._source = dense_source(self.data_config)
+      block = ml_collections.ConfigDict({k: v for k, v in self.data_config.items()
+                                         if k not in DENSE_PROTOCOL_KEYS})
+      self._source = dense_source(block)
     return self._source
 
   @property
@@ -542,32 +702,102 @@ class DenseEvaluator(Evaluator):
     return int(getattr(self.source, "ignore_label",
                        DENSE_IGNORE_LABELS.get(str(self.data_config.get("dataset", "")), 255)))
 
-  def _batches(self, normalization: str, local_b: int, first_row: int,
-               rows: int) -> Iterator[dict]:
+  def inputs(self, method):
+    """`method.dense_inputs(source, 'eval')`, computed once per method."""
+    from fssjax.methods.base import DenseInputs  # pylint: disable=g-import-not-at-top
+    if self._inputs is not None:
+      return self._inputs
+    per_method = _DENSE_INPUTS.setdefault(method, {})
+    if id(self) not in per_method:
+      fn = getattr(method, "dense_inputs", None)
+      per_method[id(self)] = fn(self.source, "eval") if fn is not None else DenseInputs()
+    return per_method[id(self)]
+
+  def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+    """(h, w) of the network input of an image of `height` x `width` (before padding)."""
+    from fssjax.data import dense  # pylint: disable=g-import-not-at-top
+    if self.resize == "square":
+      return self.image_size, self.image_size
+    return dense.shortest_edge_size(height, width, self.image_size, self.max_size)
+
+  def _load(self, index: int, normalization: str):
+    from fssjax.data import dense, transforms  # pylint: disable=g-import-not-at-top
+    src = self.source
+    image, label = src.load(index)
+    image, label = np.asarray(image), np.asarray(label)
+    if label.shape != image.shape[:2]:
+      raise DataError(f"{src.name} record {index}: label map {list(label.shape)} and image "
+                      f"{list(image.shape[:2])} differ in size")
+    if self.resize == "square":
+      small = transforms.resize_image(image, self.image_size, self.image_size)
+    else:
+      small = dense.resize_for_eval(image, self.image_size, self.max_size)
+    return image, label, transforms.normalize(small, normalization)
+
+  def _batches(self, method, local_b: int, first_row: int, rows: int) -> Iterator[dict]:
     """This process's rows of each global batch: `local_b` images from global row
     `first_row`, padded to `rows` rows (padding rows: size 0, nothing counted)."""
-    from fssjax.data import transforms  # pylint: disable=g-import-not-at-top
-    src, s = self.source, self.image_size
+    src = self.source
+    inputs = self.inputs(method)
     n = len(src)
     for g in range(-(-n // self.batch_size)):
-      images = np.zeros((rows, s, s, 3), np.float32)
-      labels, sizes = [], np.zeros((rows, 2), np.int32)
+      loaded, index = [], np.full((rows,), -1, np.int64)
       for i in range(local_b):
-        index = g * self.batch_size + first_row + i
-        if index >= n:
-          labels.append(None)
-          continue
-        image, label = src.load(index)
-        image = np.asarray(image)
-        label = np.asarray(label)
-        if label.shape != image.shape[:2]:
-          raise DataError(f"{src.name} record {index}: label map {list(label.shape)} and image "
-                          f"{list(image.shape[:2])} differ in size")
-        transforms.normalize(transforms.resize_image(image, s, s), normalization,
-                             out=images[i])
-        labels.append(label)
-        sizes[i] = label.shape
-      yield dict(image=images, labels=labels, sizes=sizes)
+        j = g * self.batch_size + first_row + i
+        if j < n:
+          loaded.append(self._load(j, method.normalization))
+          index[i] = j
+      shapes = np.asarray([[x.shape[0], x.shape[1], l.shape[0], l.shape[1]]
+                           for _, l, x in loaded] or [[1, 1, 1, 1]], np.int64).max(0)
+      shapes = _allgather_max(shapes)
+      d = self.size_divisibility
+      if self.resize == "square":
+        hp = wp = self.image_size
+      else:
+        hp, wp = evaluate.round_up(int(shapes[0]), d), evaluate.round_up(int(shapes[1]), d)
+      images = np.zeros((rows, hp, wp, 3), np.float32)
+      labels = np.full((rows, int(shapes[2]), int(shapes[3])), self.ignore_label, np.int64)
+      sizes = np.zeros((rows, 2), np.int32)      # label sizes
+      resized = np.zeros((rows, 2), np.int32)    # input sizes before padding
+      originals = []
+      for i, (image, label, x) in enumerate(loaded):
+        images[i, :x.shape[0], :x.shape[1]] = x
+        labels[i, :label.shape[0], :label.shape[1]] = label
+        sizes[i], resized[i] = label.shape, x.shape[:2]
+        originals.append(image)
+      batch = {"image": images}
+      for key, value in dict(inputs.per_image).items():
+        value = np.asarray(value)
+        out = np.zeros((rows,) + value.shape[1:], value.dtype)
+        out[index >= 0] = value[index[index >= 0]]
+        batch[key] = out
+      yield dict(inputs=batch, labels=labels, sizes=sizes, resized=resized, index=index,
+                 originals=originals)
+
+  def _candidate_arrays(self, method, index: np.ndarray, name_emb: np.ndarray):
+    """(class_embeddings [B, K, D], column_valid [B, K], class_map [B, K]) of the rows'
+    description candidates (K: the most candidates of an image in the global batch)."""
+    cands = self.inputs(method).candidates
+    if cands is None:
+      raise ValueError(f"evals.{self.name}.candidates='description': "
+                       f"{type(method).__name__}.dense_inputs gives no per-image candidate "
+                       "names for this source (an image description per image is needed)")
+    lists = [tuple(cands[j]) if j >= 0 else () for j in index]
+    k = int(_allgather_max(np.asarray([max([len(c) for c in lists] + [1])]))[0])
+    d = name_emb.shape[1]
+    emb = np.zeros((len(lists), k, d), np.float32)
+    valid = np.zeros((len(lists), k), bool)
+    cmap = np.zeros((len(lists), k), np.int32)
+    for i, names in enumerate(lists):
+      if not names:
+        emb[i] = name_emb[0]
+        continue
+      e = np.asarray(method.class_embeddings(list(names)), np.float32)
+      emb[i, :len(names)] = e
+      emb[i, len(names):] = e[0]
+      valid[i, :len(names)] = True
+      cmap[i, :len(names)] = np.argmax(_unit(e) @ _unit(name_emb).T, -1)
+    return emb, valid, cmap
 
   def run(self, method, params, frozen, step=None, writer=None) -> dict:
     if not hasattr(method, "predict_dense"):
@@ -590,53 +820,78 @@ class DenseEvaluator(Evaluator):
     pad = (-local_b) % multiple
     sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
     predict = _dense_predict(method, names)
+    describe = self.candidates == "description"
+    name_emb = np.asarray(method.class_embeddings(list(names)), np.float32) if describe else None
+    shortest = self.resize == "shortest_edge"
     start = time.perf_counter()
     n_images = 0
+    shown = []
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
       rows = local_b + pad
-      for batch in self._batches(method.normalization, local_b, pidx * local_b, rows):
-        sizes = batch["sizes"]
+      for batch in self._batches(method, local_b, pidx * local_b, rows):
+        sizes, resized = batch["sizes"], batch["resized"]
         n_images += int((sizes[:, 0] > 0).sum())
-        if nproc > 1 or not (sizes[:, 0] > 0).any():
-          hb = wb = evaluate.round_up(self.max_size, 64)
-        else:
-          hb = evaluate.round_up(int(sizes[:, 0].max()), 64)
-          wb = evaluate.round_up(int(sizes[:, 1].max()), 64)
-        labels = np.full((rows, hb, wb), ignore, np.int32)
-        for i, label in enumerate(batch["labels"]):
-          if label is not None:
-            if label.shape[0] > hb or label.shape[1] > wb:
-              raise DataError(f"{src.name}: a label map of {list(label.shape)} exceeds "
-                              f"data.max_original_size={self.max_size}")
-            labels[i, :label.shape[0], :label.shape[1]] = label
-        inputs = {"image": batch["image"]}
+        inputs = dict(batch["inputs"])
+        column = cmap = None
+        if describe:
+          inputs["class_embeddings"], column, cmap = self._candidate_arrays(
+              method, batch["index"], name_emb)
         if sharding is not None:
-          inputs = {"image": jax.make_array_from_process_local_data(sharding, inputs["image"])}
+          inputs = {k: jax.make_array_from_process_local_data(sharding, v)
+                    for k, v in inputs.items()}
         logits = predict(params, frozen, inputs)
-        if logits.ndim != 4 or logits.shape[-1] != c:
+        k = column.shape[1] if describe else c
+        if logits.ndim != 4 or logits.shape[-1] != k:
           raise ValueError(f"{type(method).__name__}.predict_dense returned {logits.shape}; "
-                           f"expected [B, h, w, C={c}]")
+                           f"expected [B, h, w, K={k}]"
+                           + (" (candidates='description': one column per candidate of "
+                              "batch['class_embeddings'])" if describe else ""))
         h, w = logits.shape[1:3]
-        extras = (labels,
-                  evaluate.padded_interp(h, sizes[:, 0], hb, False),
-                  evaluate.padded_interp(w, sizes[:, 1], wb, False),
-                  sizes)
+        hp, wp = inputs["image"].shape[1:3]
+        hb, wb = batch["labels"].shape[1:]
+        mh = np.zeros((rows, hb, h), np.float32)
+        mw = np.zeros((rows, wb, w), np.float32)
+        for i in range(rows):
+          if sizes[i, 0] > 0:
+            mh[i, :sizes[i, 0]] = protocol_matrix(h, hp, int(resized[i, 0]), int(sizes[i, 0]),
+                                                  shortest)
+            mw[i, :sizes[i, 1]] = protocol_matrix(w, wp, int(resized[i, 1]), int(sizes[i, 1]),
+                                                  shortest)
+        extras = [batch["labels"].astype(np.int32), mh, mw, sizes]
+        if describe:
+          extras += [column, cmap]
         if sharding is not None:
-          extras = tuple(jax.make_array_from_process_local_data(sharding, x) for x in extras)
+          extras = [jax.make_array_from_process_local_data(sharding, x) for x in extras]
         # The matrix is a sum over the global batch, replicated: complete on every process.
         matrix = _dense_confusion(logits, *extras, num_classes=c, ignore=ignore)
         acc.update_matrix(np.asarray(matrix.addressable_data(0)))
+        if len(shown) < self.num_summary and pidx == 0:
+          pred = evaluate._local_rows(_dense_labels_jit(logits, *extras[1:3], *extras[4:]))  # pylint: disable=protected-access
+          for i, image in enumerate(batch["originals"]):
+            if len(shown) < self.num_summary:
+              hh, ww = sizes[i]
+              shown.append((image, batch["labels"][i, :hh, :ww], pred[i, :hh, :ww]))
     n_images = int(metrics.sum_across_processes([np.asarray(n_images, np.int64)])[0])
+    self.last_examples = shown
     res = acc.result()
     results = dict(res, evaluator="dense", name=self.name, prefix=self.prefix,
                    class_names=dict(enumerate(names)), n_images=n_images,
-                   resolution=f"{self.image_size}x{self.image_size} input, scored at label size",
-                   ignore_label=ignore, wall_time_s=time.perf_counter() - start,
-                   confusion_matrix=acc.matrix, protocol=self.protocol())
+                   resolution=self._resolution_text(), ignore_label=ignore,
+                   wall_time_s=time.perf_counter() - start, confusion_matrix=acc.matrix,
+                   protocol=self.protocol())
     if writer is not None and step is not None and pidx == 0:
       monitoring.write_eval(writer, step, results, prefix=self.prefix)
+      if shown:
+        writer.write_images(step, {f"{self.prefix}/image_truth_prediction":
+                                   example_picture(shown, ignore)[None]})
     return results
+
+  def _resolution_text(self) -> str:
+    if self.resize == "square":
+      return f"{self.image_size}x{self.image_size} input, scored at label size"
+    return (f"shorter side {self.image_size} (longer <= {self.max_size}), padded to "
+            f"/{self.size_divisibility}, scored at label size")
 
   def example_batch(self, method) -> dict[str, np.ndarray]:
     """{'image': zeros [1, S, S, 3]}: the input of `predict_dense`, for shapes."""
@@ -646,8 +901,15 @@ class DenseEvaluator(Evaluator):
   def protocol(self) -> dict:
     return dict(evaluator="dense", dataset=str(self.data_config.get("dataset", "")),
                 source=getattr(self.source, "name", ""), images=len(self.source),
-                resolution=f"{self.image_size}x{self.image_size}",
+                resolution=(f"{self.image_size}x{self.image_size}" if self.resize == "square"
+                            else f"shortest_edge {self.image_size}"),
+                resize=self.resize, max_size=self.max_size,
+                size_divisibility=self.size_divisibility, candidates=self.candidates,
                 ignore_label=self.ignore_label, num_classes=len(self.source.class_names))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-12)
 
 
 # ----------------------------------------------------------------------------------------
@@ -655,14 +917,37 @@ class DenseEvaluator(Evaluator):
 
 
 class Suite:
-  """The evaluators of a run, in config order (the first one gives the headline)."""
+  """The evaluators of a run, in config order. The primary one (`primary`, from the config
+  key `eval.primary`; default the first) gives the headline: results.json's 'results' and
+  the checkpoint's 'best' metric.
 
-  def __init__(self, evaluators: Sequence[Evaluator], method):
+  Raises:
+    ConfigError: `primary` names no evaluator of the suite (the message lists them).
+  """
+
+  def __init__(self, evaluators: Sequence[Evaluator], method, primary: str = ""):
     if not evaluators:
       raise ValueError("an evaluator suite needs at least one evaluator")
     self.evaluators = list(evaluators)
     self.method = method
     self._due: tuple[int, tuple[str, ...]] | None = None
+    names = [e.name for e in self.evaluators]
+    if primary and primary not in names:
+      from fssjax.methods.base import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(f"eval.primary={primary!r} names no evaluator of this config; its "
+                       f"evaluators (config.evals): {names}")
+    self.primary = primary or names[0]
+
+  def _ordered(self) -> list[Evaluator]:
+    """The primary evaluator first, then the others in config order."""
+    return sorted(self.evaluators, key=lambda e: e.name != self.primary)
+
+  def primary_results(self, results: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The primary evaluator's results; the first present one when it did not run."""
+    for e in self._ordered():
+      if e.name in results:
+        return results[e.name]
+    raise ValueError("primary_results: no evaluator results given")
 
   def __getitem__(self, name: str) -> Evaluator:
     for e in self.evaluators:
@@ -709,9 +994,9 @@ class Suite:
     return out
 
   def headline(self, results: Mapping[str, Mapping[str, Any]]) -> float:
-    """The first evaluator's mIoU (the checkpoint's 'best' metric); the first present one when
-    the first did not run."""
-    for e in self.evaluators:
+    """The primary evaluator's mIoU (the checkpoint's 'best' metric); the first present one
+    when it did not run."""
+    for e in self._ordered():
       if e.name in results:
         return e.headline(results[e.name])
     raise ValueError("headline: no evaluator results given")
@@ -795,7 +1080,9 @@ def from_config(config: ml_collections.ConfigDict, method, mesh=None, *,
                          "evaluators but has no predict_dense")
       e = DenseEvaluator(name, ml_collections.ConfigDict(spec.get("data") or {}), every=every,
                          prefix=prefix, batch_size=batch_size, mesh=mesh,
-                         source=data.get(name))
+                         source=data.get(name),
+                         candidates=str(spec.get("candidates") or "dataset"),
+                         num_summary=int(spec.get("num_summary_images") or 0))
     if e.enabled:
       if isinstance(e, EpisodicEvaluator):
         _ = e.data
@@ -803,7 +1090,8 @@ def from_config(config: ml_collections.ConfigDict, method, mesh=None, *,
         _ = e.source
     e.method_variant = _method_variant(config, method, name, spec.get("model"))
     evaluators.append(e)
-  suite = Suite(evaluators, method)
+  primary = str((config.get("eval", None) or {}).get("primary", "") or "")
+  suite = Suite(evaluators, method, primary=primary)
   variants = [e for e in evaluators if e.enabled and e.method_variant is not method]
   if variants:
     batch = suite.example_batch()

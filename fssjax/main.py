@@ -16,8 +16,13 @@ prints the resolved config and exits.
 mode=train (default): trains, evaluating per `config.evals`; resumes from the latest
 checkpoint of `--workdir` (refused when data set, fold, model or batch differ from the
 checkpoint's config, unless --allow_config_change); re-running a finished run evaluates its
-last checkpoint if needed and exits 0. The resolved config is written to `WORKDIR/config.json`
+last checkpoint if needed (no evaluation yet, or one made with another evaluation config:
+evals.*, eval.*, test-episode keys, the method's `evaluation_keys`; the changes are named)
+and exits 0. The resolved config is written to `WORKDIR/config.json`
 once every check has passed.
+With `config.variants` ({name: overrides of config.model}) each variant is a run of its own
+in WORKDIR/<name>, and a table of their mIoUs ends the output (`run_config`), also written with
+each variant's headline numbers and results path to WORKDIR/variants.json.
 mode=eval: evaluates the best checkpoint by validation mIoU (else the latest, or --step) of
 `--workdir`, which is only read; results go to --outdir (default the workdir).
 
@@ -134,25 +139,111 @@ def main(argv: Sequence[str]) -> None:
 
   xla_cache.enable()  # a second run (or a resume) compiles nothing
 
-  from fssjax.methods import get_method_class  # pylint: disable=g-import-not-at-top
-
-  own_loop = getattr(get_method_class(config), "own_training_loop", None)
-  if own_loop is not None:  # a method the generic trainer cannot train yet (LLMFormer)
-    if _MODE.value != "train":
-      raise SystemExit(f"fssjax: method {config.method!r} trains and evaluates in one run "
-                       "(--mode=train); it has no separate --mode=eval yet.")
-    own_loop(config, _WORKDIR.value)
-    return
   try:
-    if _MODE.value == "train":
-      train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW.value)
-    else:
-      train.evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value,
-                                outdir=_OUTDIR.value, allow_config_change=_ALLOW.value)
+    run_config(config, _WORKDIR.value, mode=_MODE.value, step=_STEP.value,
+               outdir=_OUTDIR.value, allow_config_change=_ALLOW.value)
+  except train.MissingCheckpointError as e:  # nothing to download: no demo hint
+    raise SystemExit(f"fssjax: {e}") from None
   except train.MissingInputsError as e:
-    raise SystemExit(f"fssjax: {e}\n{_demo_hint()}") from None
+    hint = _demo_hint()
+    raise SystemExit(f"fssjax: {e}" + (f"\n{hint}" if hint else "")) from None
   except train.user_errors() as e:
     raise SystemExit(f"fssjax: {e}") from None
+
+
+def variant_configs(config) -> dict:
+  """{name: config} of `config.variants` ({name: overrides of config.model}; each config
+  without the `variants` key), or {} when the config has none."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  variants = config.get("variants", None)
+  if not variants:
+    return {}
+  out = {}
+  for name, overrides in variants.items():
+    d = config.to_dict()
+    d.pop("variants")
+    cfg = ml_collections.ConfigDict(d)
+    for key, value in dict(overrides).items():
+      cfg.model[key] = value
+    out[str(name)] = cfg
+  return out
+
+
+def run_config(config, workdir: str, *, mode: str = "train", step: int | None = None,
+               outdir: str | None = None, allow_config_change: bool = False) -> dict:
+  """Trains (`mode='train'`: `fssjax.train.train_and_evaluate`) or evaluates (`'eval'`:
+  `evaluate_checkpoint`) `config` in `workdir`.
+
+  With `config.variants` ({name: overrides of config.model}, e.g. an ablation of one
+  switch) each variant is its own run, one after the other, in `workdir/<name>` (own
+  checkpoints, resume, results; `outdir/<name>` in eval mode), and a table of every
+  variant's evaluator mIoUs is printed at the end and written, with each variant's headline
+  numbers and results path, to `workdir/variants.json` (`outdir` in eval mode; atomic). Returns the run's result dict, or
+  {name: result dict} with variants.
+  """
+  from fssjax import train  # pylint: disable=g-import-not-at-top
+
+  def one(cfg, wd, od):
+    if mode == "train":
+      return train.train_and_evaluate(cfg, wd, allow_config_change=allow_config_change)
+    return train.evaluate_checkpoint(cfg, wd, step=step, outdir=od,
+                                     allow_config_change=allow_config_change)
+
+  variants = variant_configs(config)
+  if not variants:
+    return one(config, workdir, outdir)
+  out = {}
+  for name, cfg in variants.items():
+    print(f"[variant {name}] {dict(config.variants[name])}", flush=True)
+    out[name] = one(cfg, os.path.join(workdir, name),
+                    os.path.join(outdir, name) if outdir else None)
+  table = variants_table(out)
+  print(table, flush=True)
+  if jax_process_index() == 0:
+    from fssjax import utils  # pylint: disable=g-import-not-at-top
+    base = outdir if (mode == "eval" and outdir) else workdir
+    utils.atomic_write_json(os.path.join(base, "variants.json"),
+                            variants_record(out, base, mode), indent=2)
+  return out
+
+
+def jax_process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
+def variants_record(results: dict, base: str, mode: str = "train") -> dict:
+  """What `run_config` writes to `base/variants.json` after the variants: for each variant
+  its headline ('miou' of its primary evaluator), each evaluator's mIoU and its results file
+  (`base/<name>/results.json`, or `eval_results.json` in eval mode), plus the table."""
+  name = "results.json" if mode == "train" else "eval_results.json"
+  variants = {}
+  for variant, res in results.items():
+    head = res.get("results") or {}
+    variants[variant] = dict(
+        miou=head.get("miou"), primary=res.get("primary"), step=res.get("step"),
+        evals={k: {"miou": v.get("miou")} for k, v in (res.get("evals") or {}).items()},
+        results_path=os.path.join(os.path.abspath(base), variant, name))
+  return dict(mode=mode, variants=variants, table=variants_table(results))
+
+
+def variants_table(results: dict) -> str:
+  """A Markdown table: one row per variant, one column per evaluator (its mIoU), the primary
+  evaluator (`eval.primary`) first."""
+  names = []
+  for res in results.values():
+    primary = res.get("primary")
+    for key in [primary] + list(res.get("evals") or {}):
+      if key and key in (res.get("evals") or {}) and key not in names:
+        names.append(key)
+  lines = ["| variant | " + " | ".join(f"{n} mIoU" for n in names) + " |",
+           "|---|" + "---|" * len(names)]
+  for variant, res in results.items():
+    evals = res.get("evals") or {}
+    cells = [f"{evals[n]['miou']:.2f}" if n in evals and evals[n].get("miou") is not None
+             else "-" for n in names]
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def _missing_workdir() -> str:
@@ -163,8 +254,12 @@ def _missing_workdir() -> str:
 
 
 def _demo_hint() -> str:
-  """How to run this config's offline demo instead (when the config file has one)."""
-  filename = flags.FLAGS["config"].config_filename.split(":", 1)[0]
+  """How to run this config's offline demo instead (when the config file has one and the
+  demo is not what is being run), or ''."""
+  spec = flags.FLAGS["config"].config_filename
+  filename, _, arg = spec.partition(":")
+  if "demo" in [a.split("=", 1)[0].strip() for a in arg.split(",")]:
+    return ""
   try:
     has_demo = "demo" in getattr(_load_config_module(filename), "DEFAULTS", {})
   except Exception:  # pylint: disable=broad-except

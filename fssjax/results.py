@@ -5,7 +5,8 @@
   {outdir}/results/{mode}_fold{fold}_shot{shot}_step{step}.json
 
 (mode 'train' or 'eval'; an evaluator other than the default 'fewshot' adds `_{name}` before
-`.json`). A file is never overwritten: when the name exists, the next free of `-2`, `-3`, ...
+`.json`, and an evaluation setting of `NAME_TAGS` off its default adds its value, e.g.
+`_description` for `candidates='description'`). A file is never overwritten: when the name exists, the next free of `-2`, `-3`, ...
 is used (`train_fold0_shot1_step1000-2.json`). Files are written atomically (a temporary file
 in the same directory, then a hard link to the final name, which fails instead of replacing an
 existing file) and are readable by everyone (mode 0644).
@@ -41,9 +42,15 @@ DEFAULT_EVALUATOR = "fewshot"
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
-def file_stem(mode: str, fold: int, shot: int, step: int, evaluator: str = DEFAULT_EVALUATOR
-              ) -> str:
-  """'train_fold0_shot1_step1000' (plus '_{evaluator}' for a non-default evaluator)."""
+# Evaluation settings named in the file name when they differ from their default (so that,
+# e.g., a description-candidates evaluation is told apart from the default one by its name).
+NAME_TAGS = {"candidates": "dataset"}
+
+
+def file_stem(mode: str, fold: int, shot: int, step: int, evaluator: str = DEFAULT_EVALUATOR,
+              tags: Sequence[str] = ()) -> str:
+  """'train_fold0_shot1_step1000' (plus '_{evaluator}' for a non-default evaluator, then
+  '_{tag}' for each tag, e.g. 'description' for `candidates='description'`)."""
   if mode not in MODES:
     raise ValueError(f"results mode {mode!r}; expected one of {list(MODES)}")
   stem = f"{mode}_fold{int(fold)}_shot{int(shot)}_step{int(step)}"
@@ -52,6 +59,10 @@ def file_stem(mode: str, fold: int, shot: int, step: int, evaluator: str = DEFAU
       raise ValueError(f"evaluator name {evaluator!r} is not usable in a file name "
                        "(letters, digits, '_' and '.')")
     stem += f"_{evaluator}"
+  for tag in tags:
+    if not _NAME.match(str(tag)):
+      raise ValueError(f"results file tag {tag!r} is not usable in a file name")
+    stem += f"_{tag}"
   return stem
 
 
@@ -171,8 +182,12 @@ def write(outdir: str, *, mode: str, step: int, results: Mapping[str, Any], conf
   """
   record = build_record(mode=mode, step=step, results=results, config=config, method=method,
                         warnings=warnings)
+  protocol = record.get("protocol") or {}
+  tags = [str(protocol[k]) for k, default in NAME_TAGS.items()
+          if protocol.get(k) not in (None, default)]
   stem = file_stem(mode, record["fold"] if record["fold"] is not None else -1,
-                   record["shot"] if record["shot"] is not None else 0, step, record["name"])
+                   record["shot"] if record["shot"] is not None else 0, step, record["name"],
+                   tags)
   return write_record(os.path.join(outdir, "results"), stem, record)
 
 

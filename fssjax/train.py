@@ -1,7 +1,9 @@
 """The generic training loop: `train_and_evaluate(config, workdir)` for every method.
 
 Flow: checks (`fssjax.checks`: config values, inputs, the stored run's config) -> method ->
-grain training stream -> variables built shard-first (`jax.eval_shape` of `method.init`, then
+grain training stream (few-shot episodes; for a method with `train_data = 'dense'` whole
+images of the dense data block `config.data.train`, `dense_train_loader`) -> variables built
+shard-first (`jax.eval_shape` of `method.init`, then
 `jax.jit` with `out_shardings`: replicated, or FSDP with `train.fsdp > 1`), split by
 `config.model.trainable` into `params` and `frozen` -> `method.load_pretrained` places the
 published weights tensor by tensor -> jitted, sharded train step (state donated, key
@@ -17,8 +19,12 @@ the variables are initialised (`fssjax.batched_rng`: draws batched by shape), al
 rebuilt from the config and weight files, and a fingerprint in the checkpoint metadata catches
 a mismatch on resume. A checkpoint holds params, optimiser state, step, rng, the grain
 iterator state and the config: a resumed run continues with the very batches and keys of the
-uninterrupted one (onto any mesh). Re-running a finished run evaluates its last checkpoint
-if that was not done and returns.
+uninterrupted one (onto any mesh). A step is checkpointed before it is evaluated (at every
+evaluation step, and always at the last step), so a kill during an evaluation keeps it; its
+mIoU is recorded afterwards (`Checkpointer.record_metrics`, ranks the best step). Re-running a
+finished run evaluates its last checkpoint if that was not done, or was done with another
+evaluation config (evals.*, eval.*, the method's `evaluation_keys`; named), and returns.
+TensorBoard events are flushed at each checkpoint and after each evaluation.
 
 Gradient accumulation (`train.grad_accum = A`): the global batch is split inside the step
 into A interleaved micro-batches (i, i + A, ...; each device keeps its rows) whose gradients
@@ -65,6 +71,10 @@ from fssjax.optim import Optimizer, make_optimizer, make_schedule  # noqa: F401 
 
 PyTree = Any
 StepCallback = Callable[[int, Mapping[str, jax.Array], PyTree], None]
+
+
+class MissingCheckpointError(MissingInputsError):
+  """The checkpoint (directory or step) to evaluate is not there (the message lists what is)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,9 +155,10 @@ def init_state(setup: Setup) -> tuple[PyTree, PyTree]:
     return state, frozen
 
   with jax.set_mesh(setup.mesh):
-    state, frozen = jax.jit(create, out_shardings=(setup.state_shardings,
-                                                   setup.frozen_shardings))(
-        setup.init_key, setup.train_key, setup.init_batch)
+    state, frozen = jax.jit(
+        create, out_shardings=(setup.state_shardings, setup.frozen_shardings),
+        compiler_options=batched_rng.init_compiler_options(setup.mesh))(
+            setup.init_key, setup.train_key, setup.init_batch)
   state["params"], frozen = method.load_pretrained(state["params"], frozen)
   return state, frozen
 
@@ -158,7 +169,9 @@ def init_frozen(setup: Setup) -> PyTree:
   init = batched_rng.batch_random(method.init)
   with jax.set_mesh(setup.mesh):
     frozen = jax.jit(lambda k, b: base.partition(init(k, b), patterns)[1],
-                     out_shardings=setup.frozen_shardings)(setup.init_key, setup.init_batch)
+                     out_shardings=setup.frozen_shardings,
+                     compiler_options=batched_rng.init_compiler_options(setup.mesh))(
+                         setup.init_key, setup.init_batch)
   return method.load_pretrained(None, frozen)[1]
 
 
@@ -237,8 +250,45 @@ def make_train_step(setup: Setup, grad_accum: int = 1):
 # Data.
 
 
+def dense_train_data(config) -> ml_collections.ConfigDict:
+  """The dense data block a dense method trains on: `config.data.train` (keys as a dense
+  evaluator's `data`: dataset, root, classes, ...; `split` defaults to 'train').
+
+  Raises:
+    ConfigError: no `data.train` block.
+  """
+  block = config.data.get("train", None)
+  if not block or not block.get("dataset", ""):
+    raise ConfigError(f"method {config.method!r} trains on whole images with label maps: set "
+                      "config.data.train to a dense data block, e.g. data.train = "
+                      "dict(dataset='coco_stuff_171', root=..., split='train') (a source "
+                      "registered in fssjax.evaluators, such as synthetic_dense)")
+  block = ml_collections.ConfigDict(block.to_dict())
+  if "split" not in block:
+    block.split = "train"
+  return block
+
+
+def dense_train_loader(config, method: Method, start_step: int):
+  """The process's dense `fssjax.data.pipeline.TrainLoader` (`method.train_data == 'dense'`):
+  whole images of `config.data.train` with what `method.dense_inputs(source, 'train')`
+  declares."""
+  from fssjax import evaluators  # pylint: disable=g-import-not-at-top
+  from fssjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = evaluators.dense_source(dense_train_data(config))
+  return pipeline.dense_train_loader(
+      config, source, method.dense_inputs(source, "train"),
+      normalization=method.normalization, seed=int(config.seed),
+      global_batch_size=int(config.train.batch_size), process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=int(config.data.workers),
+      start_step=int(start_step))
+
+
 def train_loader(config, method: Method, start_step: int):
-  """The process's `fssjax.data.pipeline.TrainLoader` for `method`, from `start_step`."""
+  """The process's `fssjax.data.pipeline.TrainLoader` for `method`, from `start_step`:
+  few-shot episodes, or whole dense images when `method.train_data == 'dense'`."""
+  if getattr(method, "train_data", "episodes") == "dense":
+    return dense_train_loader(config, method, start_step)
   from fssjax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
   source = sources.build_source(config.data, "train")
   classes = sources.fold_classes_for(config.data, "train", source)
@@ -255,8 +305,9 @@ def train_iterator(config, method: Method, start_step: int):
 
 
 class PrecompiledStep:
-  """The train step, compiled ahead of time in a background thread for the first batch's
-  shapes while the variables are initialised (start-up: init and step compilation overlap).
+  """The train step, compiled ahead of time for the first batch's shapes while the variables
+  are initialised (start-up: init and step compilation overlap). The step is traced and
+  lowered in the calling thread, then compiled by XLA in a background thread.
 
   Calls with that batch signature use the precompiled executable; any other signature (a
   different K with `data.train_shot_max`) goes through the jitted step as usual. A failed
@@ -275,13 +326,17 @@ class PrecompiledStep:
     self._signature = self._sig(batch)
     lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(mesh))
 
-    def compile_step():
+    # Traced and lowered here, before the init is traced: both are Python work under the GIL,
+    # and the step's XLA compilation (the longest part of a cold start, which releases the
+    # GIL) then starts seconds earlier than if both traces shared the interpreter.
+    self._future = None
+    try:
       with jax.set_mesh(mesh):
-        return train_step.lower(setup.abstract_state, setup.abstract_frozen, batch,
-                                lr).compile()
-
+        lowered = train_step.lower(setup.abstract_state, setup.abstract_frozen, batch, lr)
+    except Exception:  # pylint: disable=broad-except
+      return  # the jitted step raises the error itself at the first call
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_step")
-    self._future = self._pool.submit(compile_step)
+    self._future = self._pool.submit(lowered.compile)
     self._pool.shutdown(wait=False)
 
   @staticmethod
@@ -327,8 +382,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       checkpoint's config.
 
   Returns:
-    dict with start_step, final step, the headline evaluator's results (without images),
-    every evaluator's results ('evals') and the checkpoint directory.
+    dict with start_step, final step, the primary evaluator's results ('results', without
+    images; `eval.primary`, default the first of `config.evals`), its name ('primary'),
+    every evaluator's results ('evals'), the evaluation config ('eval_config') and the
+    checkpoint directory (also written to results.json).
 
   Raises:
     ConfigError, MissingInputsError, DataError: bad config / missing inputs / bad data.
@@ -349,7 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       latest = probe.latest_step()
       meta = probe.meta(latest) if latest is not None else {}
   check_stored_config(meta, config, keys=_RESUME_KEYS, allow=allow_config_change,
-                      what="resuming it")
+                      what="resuming it", ignore=checks.method_evaluation_keys(config))
   num_steps = int(t.num_steps)
   start_step = int(latest or 0)
   if start_step > num_steps:
@@ -407,28 +464,56 @@ def _report(config, suite, results, workdir, start_step, step, ckpt_dir, lead) -
                   f"Final (step {step}): no evaluation (train.eval_every < 0)", lead)
   if lead:
     suite.write_results(workdir, "train", step, results, config)
-  out.update(results=monitoring.results_for_json(next(iter(results.values()))),
-             evals={k: monitoring.results_for_json(v) for k, v in results.items()})
+  out.update(results=monitoring.results_for_json(suite.primary_results(results)),
+             primary=suite.primary,
+             evals={k: monitoring.results_for_json(v) for k, v in results.items()},
+             eval_config=checks.evaluation_config(config))
   return _final(out, workdir, "results.json",
                 f"Final (step {step}): {suite.summary_line(results)}", lead)
 
 
+def _evaluation_changes(stored: Mapping[str, Any], meta: Mapping[str, Any],
+                        config) -> list[str]:
+  """'key: stored -> current' for the evaluation keys (`checks.evaluation_config`) in which
+  `config` differs from the evaluation that wrote results.json (`stored`; for a results.json
+  without that record, the checkpoint's config)."""
+  before = stored.get("eval_config")
+  if before is None:
+    old = meta.get("config")
+    if not old:
+      return []
+    before = checks.evaluation_config(ml_collections.ConfigDict(old))
+  now = checks.evaluation_config(config)
+  return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+          if before.get(k) != now.get(k)]
+
+
 def _finished_run(config, method, mesh, workdir, ckpt_dir, meta) -> dict:
   """A re-run of a finished run: says so, and evaluates the last checkpoint when its
-  evaluation is missing (results.json absent, evaluators enabled)."""
+  evaluation is missing (results.json absent, evaluators enabled) or was made with another
+  evaluation config (`checks.evaluation_config`: evals.*, eval.*, the method's
+  `evaluation_keys`), which it names; never reprints old numbers as if new."""
   from fssjax import evaluators  # pylint: disable=g-import-not-at-top
   lead = jax.process_index() == 0
   num_steps = int(config.train.num_steps)
   suite = evaluators.from_config(config, method, mesh)
   path = os.path.join(workdir, "results.json")
-  if os.path.exists(path) or not suite.enabled:
+  stored = None
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+  changes = _evaluation_changes(stored, meta, config) if stored is not None else []
+  if not suite.enabled or (stored is not None and not changes):
     print(f"The run in {workdir} is complete ({num_steps} steps); nothing to do. Its results: "
-          f"{path if os.path.exists(path) else 'none (evaluation disabled)'}.", flush=True)
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-      text = f.read()
-    return json.loads(text) if text else dict(step=num_steps, results=None)
-  print(f"The run in {workdir} is complete ({num_steps} steps); evaluating its last "
-        "checkpoint.", flush=True)
+          f"{path if stored is not None else 'none (evaluation disabled)'}.", flush=True)
+    return stored if stored is not None else dict(step=num_steps, results=None)
+  if changes:
+    print(f"The run in {workdir} is complete ({num_steps} steps), but its results.json comes "
+          f"from another evaluation config ({'; '.join(changes)}): evaluating its last "
+          "checkpoint with the current one.", flush=True)
+  else:
+    print(f"The run in {workdir} is complete ({num_steps} steps); evaluating its last "
+          "checkpoint.", flush=True)
   setup = build_setup(config, method, mesh, suite.evaluators[0].example_batch(method))
   with checkpointing.Checkpointer(ckpt_dir, read_only=True) as ckpt:
     params = ckpt.restore_params(num_steps, setup.abstract_state["params"])
@@ -440,6 +525,9 @@ def _finished_run(config, method, mesh, workdir, ckpt_dir, meta) -> dict:
                         names=[e.name for e in suite.evaluators if e.enabled])
   finally:
     writer.close()
+  if not changes:  # the run's own evaluation, missing after a kill: ranks the step
+    with checkpointing.Checkpointer(ckpt_dir, read_only=True) as ckpt:
+      ckpt.record_metrics(num_steps, {"miou": suite.headline(results)})
   return _report(config, suite, results, workdir, num_steps, num_steps, ckpt_dir, lead)
 
 
@@ -479,13 +567,14 @@ def _loop(config, setup: Setup, train_step, state, frozen, it, ckpt, writer, sui
         logging.info("[%d/%d] loss %.4f  lr %.3g  grad_norm %.3g", step, num_steps,
                      scalars["train/loss"], scalars["train/lr"], scalars["train/grad_norm"])
         window = []
+      if do_ckpt:  # before the evaluation: a kill during it keeps the step
+        ckpt.save(step, state, data_iterator=it, meta=run_meta)
+        writer.flush()
       if do_eval:
         with hooks[0].timed("eval", wait_jax_async_dispatch=False):
           results = suite.run(state["params"], frozen, step, writer if lead else None)
-      if do_ckpt:
-        ckpt.save(step, state, data_iterator=it,
-                  metrics={"miou": suite.headline(results)} if do_eval else None,
-                  meta=run_meta)
+        ckpt.record_metrics(step, {"miou": suite.headline(results)})  # ranks the step
+        writer.flush()
       if step_callback is not None:
         step_callback(step, metrics, state)
     writer.flush()
@@ -508,7 +597,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   outdir = os.path.abspath(outdir or workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(ckpt_dir):
-    raise MissingInputsError(f"No checkpoints in {ckpt_dir} to evaluate: --workdir must name "
+    raise MissingCheckpointError(f"No checkpoints in {ckpt_dir} to evaluate: --workdir must name "
                              "the directory of a training run (train first with the same "
                              "--workdir and --mode=train).")
   check_config(config)
@@ -521,10 +610,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
       if step is None:
         step, which = ckpt.latest_step(), "latest"
     if step is None:
-      raise MissingInputsError(f"No checkpoint in {ckpt.directory} to evaluate")
+      raise MissingCheckpointError(f"No checkpoint in {ckpt.directory} to evaluate")
+    if step not in ckpt.all_steps():
+      kept = ckpt.all_steps()
+      best = ckpt.best_step()
+      raise MissingCheckpointError(
+          f"--step={step}: no checkpoint of step {step} in {ckpt.directory} (a run keeps "
+          f"only its newest train.keep_checkpoints steps and its best one). Available steps: "
+          f"{kept}" + (f" (best: {best})" if best is not None else "") + "; pass one of them "
+          "as --step, or leave --step out to evaluate the best (else the latest).")
     meta = ckpt.meta(step)
     check_stored_config(meta, config, keys=_RUN_KEYS, allow=allow_config_change,
-                        what="evaluating it")
+                        what="evaluating it", ignore=checks.method_evaluation_keys(config))
     warnings = []
     seen = trained_on_test_classes(meta, config)
     if seen:
@@ -542,8 +639,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     _check_frozen(meta, frozen, strict=False)
     logging.info("Evaluating the %s checkpoint, step %d", which, step)
     results = suite.run(params, frozen, step, names=[e.name for e in suite.evaluators])
-    first = next(iter(results.values()))
+    first = suite.primary_results(results)
     out = dict(step=step, which=which, results=monitoring.results_for_json(first),
+               primary=suite.primary,
                evals={k: monitoring.results_for_json(v) for k, v in results.items()},
                warnings=warnings)
     if jax.process_index() == 0:

@@ -80,6 +80,22 @@ def test_keeps_latest_n_plus_best(tmp_path):
   assert sorted(os.listdir(tmp_path / "c")) == ["2", "5", "6"]
 
 
+def test_metrics_recorded_after_the_save_rank_and_keep_the_step(tmp_path):
+  # The training loop saves a step before evaluating it, then records its mIoU.
+  state = _state()
+  with checkpointing.Checkpointer(str(tmp_path / "c"), keep=1) as ckpt:
+    for step in range(1, 5):
+      ckpt.save(step, state)
+      ckpt.wait()
+      ckpt.record_metrics(step, {"miou": {2: 50.0, 3: 20.0}.get(step, 10.0)})
+    ckpt.save(5, state)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5]
+    assert ckpt.best_step() == 2 and ckpt.metrics(2) == {"miou": 50.0}
+  with checkpointing.Checkpointer(str(tmp_path / "c"), keep=1, read_only=True) as ckpt:
+    assert ckpt.best_step() == 2 and ckpt.metrics(5) is None
+
+
 def test_half_written_checkpoint_is_never_restored(tmp_path):
   """A save killed mid-way leaves orbax's temporary directory, never a step directory."""
   root = tmp_path / "c"

@@ -119,6 +119,7 @@ def test_evaluating_a_missing_run_creates_nothing(runs):
   tmp, out = runs
   rc, _, stderr = out["eval_missing"]
   assert rc == 1 and "No checkpoints in" in stderr and "Traceback" not in stderr
+  assert "offline demo" not in stderr  # no unrelated hint (and this is the demo already)
   assert not os.path.exists(os.path.join(tmp, "nothing"))
 
 

@@ -85,7 +85,7 @@ def dense_config(batch_size=2, every=0):
   config = configlib.base_config()
   config.evals = ml_collections.ConfigDict(dict(
       ade=dict(type="dense", every=every, prefix="dense", batch_size=batch_size,
-               data=dict(dataset="tiny", image_size=8))))
+               data=dict(dataset="tiny", image_size=8, resize="square"))))
   return config
 
 
@@ -338,6 +338,8 @@ out = {}
 for b in (8, 3):
   _, res = t.run_dense(b, mesh)
   out[b] = res["confusion_matrix"].tolist()
+# The padded shorter-side protocol with per-image priors, sharded over 8 devices.
+out["priors"] = t.priors_miou(mesh)
 print("RESULT" + json.dumps(out))
 """
 
@@ -349,7 +351,9 @@ def test_dense_on_eight_devices_counts_each_pixel_once():
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  for matrix in json.loads(line[len("RESULT"):]).values():
+  out = json.loads(line[len("RESULT"):])
+  assert out.pop("priors") == pytest.approx(100.0)
+  for matrix in out.values():
     np.testing.assert_array_equal(np.asarray(matrix), WANT)
 
 
@@ -414,3 +418,185 @@ def test_model_override_that_changes_parameters_is_refused():
                                         r"trained \(\(3, 4\), 'float32'\), override "
                                         r"\(\(3, 8\), 'float32'\)\)"):
     ev._check_variant_params("wide", base, wider, batch)
+
+
+# ----------------------------------------------------------------------------------------
+# The open-vocabulary protocol: shorter side, padding, crop, resize back, per-image inputs.
+
+RED = {0: 100.0, 1: 200.0, 2: 0.0}  # class -> red value; 2 = the padding's colour (black)
+
+
+class ColourStride(Method):
+  """predict_dense: one-hot-like scores of the nearest red value (class 2 = black, which is
+  what zero padding looks like with normalization 'none') at stride `stride` (top-left
+  pixel of each cell); with a per-image 'prior_hint' [C] added everywhere when asked."""
+
+  evaluators = ("dense",)
+  normalization = "none"
+
+  def __init__(self, stride=1, use_hint=False, candidates=None, name_emb=None):
+    super().__init__(ml_collections.ConfigDict())
+    self.stride, self.use_hint = stride, use_hint
+    self._candidates, self._name_emb = candidates, name_emb
+
+  def init(self, rng, batch):
+    return {}
+
+  def loss(self, params, frozen, batch, rng):
+    raise NotImplementedError
+
+  def predict(self, params, frozen, batch):
+    raise NotImplementedError
+
+  def dense_inputs(self, source, split):
+    from fssjax.methods.base import DenseInputs
+    hint = np.zeros((len(source), 3), np.float32)
+    for i in range(len(source)):
+      hint[i, int(np.bincount(source.load(i)[1].reshape(-1) % 255).argmax())] = 100.0
+    return DenseInputs(per_image={"prior_hint": hint} if self.use_hint else {},
+                       candidates=self._candidates)
+
+  def class_embeddings(self, names):
+    return np.stack([self._name_emb[n] for n in names])
+
+  def predict_dense(self, params, frozen, batch, class_names):
+    red = batch["image"][:, ::self.stride, ::self.stride, 0]
+    centres = jnp.asarray([RED[0], RED[1], RED[2]])
+    logits = -jnp.abs(red[..., None] - centres) / 10.0
+    if self.use_hint:
+      logits = logits * 0.0 + batch["prior_hint"][:, None, None, :]
+    if "class_embeddings" in batch:  # candidate-free mode: the hint's name among candidates
+      target = batch["prior_hint"] / 100.0 @ jnp.stack([jnp.asarray(self._name_emb[n])
+                                                        for n in ("a", "b", "c")])
+      score = jnp.einsum("bkd,bd->bk", batch["class_embeddings"], target)
+      logits = jnp.broadcast_to(score[:, None, None, :], red.shape + score.shape[-1:])
+    return logits
+
+
+def _split_image(h, w, vertical, boundary):
+  """Image and label: class 0 before `boundary` (columns if vertical, else rows), 1 after."""
+  label = np.zeros((h, w), np.int32)
+  if vertical:
+    label[:, boundary:] = 1
+  else:
+    label[boundary:] = 1
+  image = np.zeros((h, w, 3), np.uint8)
+  image[..., 0] = np.where(label == 0, RED[0], RED[1])
+  return image, label
+
+
+def _protocol_eval(method, source, image_size, batch_size=2, candidates="dataset", mesh=None,
+                   **data):
+  ev = evaluators.DenseEvaluator("p", ml_collections.ConfigDict(dict(image_size=image_size,
+                                                                     **data)),
+                                 every=0, prefix="p", batch_size=batch_size, source=source,
+                                 candidates=candidates, num_summary=len(source), mesh=mesh)
+  return ev, ev.run(method, {}, {})
+
+
+def test_dense_protocol_non_square_images_map_back_pixel_exactly():
+  # Image 0: 40 x 60 -> shorter side 20: 20 x 30 (exact halving, split at an even column).
+  # Image 1: 30 x 20 -> 30 x 20 (already 20), split at row 12. Batch input: 32 x 32 after
+  # padding (to /32); the padding is black = class 2 for the method. Scores at stride 1 are
+  # cropped to each image and resized back: every label pixel gets its own class, and no
+  # pixel is predicted as the padding's class 2.
+  a, la = _split_image(40, 60, True, 30)
+  b, lb = _split_image(30, 20, False, 12)
+  src = evaluators.InMemoryDenseSource([a, b], [la, lb], ["a", "b", "c"])
+  ev, res = _protocol_eval(ColourStride(stride=1), src, image_size=20)
+  assert ev.resized_shape(40, 60) == (20, 30) and ev.resized_shape(30, 20) == (30, 20)
+  for (_, truth, pred), label in zip(ev.last_examples, [la, lb]):
+    assert pred.shape == label.shape
+    np.testing.assert_array_equal(pred, label)
+  np.testing.assert_array_equal(res["confusion_matrix"],
+                                np.diag([(la == 0).sum() + (lb == 0).sum(),
+                                         (la == 1).sum() + (lb == 1).sum(), 0]))
+  assert res["miou"] == pytest.approx(100.0) and res["protocol"]["resize"] == "shortest_edge"
+  # Without the crop (scores of the padded input resized straight to the label) the padding
+  # would leak in: image 0 is 20 of 32 rows of the input.
+  wrong = evaluate._interp(32, 40, False)  # pylint: disable=protected-access
+  assert np.abs(wrong - evaluators.protocol_matrix(32, 32, 20, 40)).max() > 0.1
+
+
+def _torch_bilinear(x, out):
+  """PyTorch F.interpolate(mode='bilinear', align_corners=False) along axis 0, by formula."""
+  n = x.shape[0]
+  y = np.zeros((out,) + x.shape[1:])
+  for i in range(out):
+    src = max((i + 0.5) * n / out - 0.5, 0.0)
+    i0 = min(int(np.floor(src)), n - 1)
+    i1 = min(i0 + 1, n - 1)
+    t = src - i0
+    y[i] = (1 - t) * x[i0] + t * x[i1]
+  return y
+
+
+def test_dense_protocol_equals_detectron2_postprocess_at_stride_4():
+  # Scores at a quarter of the padded input: detectron2 upsamples them to the padded input,
+  # crops the image, resizes to the label (sem_seg_postprocess); computed here by formula.
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (27, 41, 3), np.uint8),
+            rng.integers(0, 256, (50, 22, 3), np.uint8)]
+  labels = [rng.integers(0, 3, im.shape[:2]).astype(np.int32) for im in images]
+  src = evaluators.InMemoryDenseSource(images, labels, ["a", "b", "c"])
+  method = ColourStride(stride=4)
+  ev, _ = _protocol_eval(method, src, image_size=18)
+  # Rebuild the batch input the evaluator gave the method.
+  from fssjax.data import dense
+  small = [dense.resize_for_eval(im, 18) for im in images]
+  hp = evaluate.round_up(max(s.shape[0] for s in small), 32)
+  wp = evaluate.round_up(max(s.shape[1] for s in small), 32)
+  x = np.zeros((2, hp, wp, 3), np.float32)
+  for i, s in enumerate(small):
+    x[i, :s.shape[0], :s.shape[1]] = s
+  logits = np.asarray(method.predict_dense({}, {}, {"image": jnp.asarray(x)}, ("a", "b", "c")))
+  for i, (s, label) in enumerate(zip(small, labels)):
+    up = _torch_bilinear(_torch_bilinear(logits[i], hp).swapaxes(0, 1), wp).swapaxes(0, 1)
+    crop = up[:s.shape[0], :s.shape[1]]
+    back = _torch_bilinear(_torch_bilinear(crop, label.shape[0]).swapaxes(0, 1),
+                           label.shape[1]).swapaxes(0, 1)
+    np.testing.assert_array_equal(ev.last_examples[i][2], back.argmax(-1))
+
+
+def _hint_source():
+  # Uniform images whose colours say nothing; each image's per-image hint names its class.
+  sizes = [(9, 13), (12, 7), (8, 8), (15, 10), (7, 11)]
+  classes = [0, 2, 1, 1, 0]
+  images = [np.full(s + (3,), 100, np.uint8) for s in sizes]
+  labels = [np.full(s, c, np.int32) for s, c in zip(sizes, classes)]
+  return evaluators.InMemoryDenseSource(images, labels, ["a", "b", "c"])
+
+
+def priors_miou(mesh=None):
+  return _protocol_eval(ColourStride(use_hint=True), _hint_source(), image_size=8,
+                        mesh=mesh)[1]["miou"]
+
+
+def test_dense_protocol_passes_each_images_priors():
+  # With batch 2 over 5 images (a padded last batch) every image must get its own hint.
+  src = _hint_source()
+  _, res = _protocol_eval(ColourStride(use_hint=True), src, image_size=8)
+  assert res["miou"] == pytest.approx(100.0) and res["n_images"] == 5
+  _, res = _protocol_eval(ColourStride(use_hint=False), src, image_size=8)
+  assert res["miou"] < 100.0
+
+
+def test_dense_candidate_free_mode_scores_description_names():
+  # Each image's candidates are names from its description (none of them a data set name);
+  # the method picks a candidate per image, and its pixels are scored as the data set class
+  # with the nearest name embedding.
+  emb = {"a": np.array([1.0, 0, 0]), "b": np.array([0, 1.0, 0]), "c": np.array([0, 0, 1.0]),
+         "red a": np.array([0.9, 0.1, 0]), "blue b": np.array([0.1, 0.9, 0.1]),
+         "big c": np.array([0, 0.2, 0.9]), "thing": np.array([0.5, 0.5, 0.5])}
+  sizes, classes = [(9, 13), (12, 7), (8, 8)], [0, 2, 1]
+  cands = [("thing", "red a"), ("big c", "thing", "blue b"), ("blue b",)]
+  images = [np.full(s + (3,), 100, np.uint8) for s in sizes]
+  labels = [np.full(s, c, np.int32) for s, c in zip(sizes, classes)]
+  src = evaluators.InMemoryDenseSource(images, labels, ["a", "b", "c"])
+  method = ColourStride(use_hint=True, candidates=cands, name_emb=emb)
+  _, res = _protocol_eval(method, src, image_size=8, candidates="description")
+  assert res["miou"] == pytest.approx(100.0), res["confusion_matrix"]
+  assert res["protocol"]["candidates"] == "description"
+  with pytest.raises(ValueError, match="gives no per-image candidate names"):
+    _protocol_eval(ColourStride(use_hint=True, name_emb=emb), src, image_size=8,
+                   candidates="description")

@@ -6,6 +6,7 @@ a text = the normalised sum of its words: compositional like a sentence encoder,
 """
 
 import hashlib
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,22 @@ def test_all_attentions_off_is_mask2former_decoder():
       mf)["params"])
 
 
+def test_query_and_level_embeddings_start_as_published():
+  # N(0, 1), PyTorch's nn.Embedding default, kept by Mask2Former and transformers. Flax's
+  # default (std 1 / sqrt(width) = 0.25 here) let the decoder layers collapse every query
+  # onto one mask and class: the plain decoder of the demo never learned to classify.
+  priors = _random_priors(np.random.default_rng(0))
+  params, _, (feats, mf) = _decoder_outputs(OFF, priors)
+  ref = m2f.Mask2FormerTransformerModule(m2f.Mask2FormerConfig(
+      feature_size=16, mask_feature_size=16, hidden_dim=16, decoder_layers=2,
+      num_attention_heads=2, dim_feedforward=32, num_queries=5), 16)
+  ref_params = jax.jit(ref.init)(jax.random.PRNGKey(2), feats, mf)
+  for p in (params, ref_params):
+    for name in ("queries_features", "queries_embedder", "level_embed"):
+      std = float(jnp.std(p["params"][name]["embedding"]))
+      assert 0.7 < std < 1.3, (name, std)
+
+
 def _changed(a, b):
   return float(jnp.max(jnp.abs(a["masks_queries_logits"][-1] - b["masks_queries_logits"][-1])))
 
@@ -266,8 +283,12 @@ def test_open_vocabulary_classifier_scores_a_name_never_trained_on():
   for _ in range(300):
     params, opt = step(params, opt)
   text_all = jnp.asarray(np.stack([emb[n] for n in names]))
-  logits = head.apply(params, states(unseen, 10)[None], text_all)[0]
+  x_unseen = states(unseen, 10)[None]
+  logits = head.apply(params, x_unseen, text_all)[0]
   assert logits.shape == (40, len(names) + 1)  # + no object
+  # One name list per example ([B, K, D]) scores as the shared list ([K, D]).
+  np.testing.assert_allclose(head.apply(params, x_unseen, text_all[None])[0], logits,
+                             rtol=1e-6, atol=1e-6)
   pred = np.asarray(jnp.argmax(logits[:, :-1], -1))
   truth = np.repeat([names.index(n) for n in unseen], 10)
   assert (pred == truth).mean() >= 0.8, (pred, truth)
@@ -306,3 +327,68 @@ def test_without_data_or_weights_the_run_stops_at_once_naming_them(tmp_path):
     assert name in text, text
   assert f"--config={cfg}:demo" in text
   assert not (tmp_path / "run").exists()
+
+
+def test_real_config_without_encoder_weights_is_refused(tmp_path):
+  spec = importlib.util.spec_from_file_location("llmf_cfg", "configs/llmformer_cocostuff.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  missing = L.LLMFormer.missing_inputs(mod.get_config(f"root={tmp_path}"))
+  assert any(m.startswith("model.encoder_weights is empty: the resnet50 encoder")
+             for m in missing), missing
+  demo = L.LLMFormer.missing_inputs(mod.get_config("demo"))
+  assert not any("encoder_weights" in m for m in demo), demo
+
+
+class _OracleLLMFormer(L.LLMFormer):
+  """An LLMFormer whose dense scores come from a perfect 'vision': a pixel whose (normalised)
+  red channel is positive looks like a dotted star, any other like a striped circle; its
+  score for a name is the cosine of that look with the name's text embedding. The candidate
+  names, their embeddings and the mapping to data set classes are the real code's."""
+
+  def dense_logits(self, params, frozen, image, text_embeddings, priors=None):
+    looks = jnp.asarray(WordsEncoder().encode(["dotted star", "striped circle"]))
+    red = image[:, ::4, ::4, 0] > 0
+    pixel = jnp.where(red[..., None], looks[0], looks[1])  # [B, h, w, D]
+    t = jnp.asarray(text_embeddings)
+    t = jnp.broadcast_to(t, (image.shape[0],) + t.shape[-2:])
+    return jnp.einsum("bhwd,bkd->bhwk", pixel, t)
+
+
+def test_candidate_free_mode_takes_the_names_from_each_description(trained):
+  # Three identical images (red dotted star left, striped circle right); only their
+  # descriptions differ. With no candidate list, each image is scored with the names its
+  # description gives, mapped to the nearest data set name.
+  s = 32
+  image = np.zeros((s, s, 3), np.uint8)
+  image[:, :16] = (255, 0, 0)
+  label = np.full((s, s), 2, np.int32)
+  label[:, :16] = 1
+  names = ["solid square", "dotted star", "striped circle"]
+  src = InMemoryDenseSource([image] * 3, [label] * 3, names)
+  both = ScenePriors(objects=(SceneObject("star", ("small", "red", "dotted")),
+                              SceneObject("circle", ("large", "striped"))), relations=(),
+                     text="")
+  square = ScenePriors(objects=(SceneObject("square", ("large", "solid")),), relations=(),
+                       text="")
+  priors = [both, square, None]
+  assert L.description_candidates(both) == ["red dotted star", "striped circle"]
+  oracle = _OracleLLMFormer(_config(), text_encoder=WordsEncoder())
+  res = L.evaluate_dense(oracle, {}, {}, src, image_size=s, candidates="description",
+                         priors=priors, examples=3)
+  preds = [p for _, _, p in res["examples"]]
+  np.testing.assert_array_equal(preds[0], label)  # both objects named: right everywhere
+  assert (preds[1] == 0).all()  # only "solid square" named: that is all it can say
+  assert (preds[2] == 0).all()  # no description: class 0 (documented)
+  assert res["protocol"]["candidates"] == "description"
+  # The same images with the data set's names: the description no longer matters.
+  res = L.evaluate_dense(oracle, {}, {}, src, image_size=s, candidates="dataset", examples=3)
+  for _, _, p in res["examples"]:
+    np.testing.assert_array_equal(p, label)
+  # The trained network in the same mode: every predicted class is a described name's.
+  method, params, frozen, _ = trained
+  res = L.evaluate_dense(method, params, frozen, src, image_size=s, candidates="description",
+                         priors=[both, square, square], examples=3)
+  preds = [p for _, _, p in res["examples"]]
+  assert set(np.unique(preds[0])) <= {1, 2}
+  assert set(np.unique(preds[1])) == {0} and set(np.unique(preds[2])) == {0}

@@ -84,3 +84,30 @@ def test_content(tmp_path):
   assert "summaries" not in doc and doc["dense"] is None
   assert isinstance(json.loads(json.dumps(doc)), dict)
   np.testing.assert_equal(doc["class_names"], {"0": "cat", "4": "rare"})
+
+
+def test_evaluation_settings_off_their_default_are_in_the_name(tmp_path):
+  config = configlib.base_config()
+  proto = dict(evaluator="dense", dataset="toy", candidates="dataset")
+  plain = results.write(str(tmp_path), mode="eval", step=5, config=config, results=dict(
+      evaluator="dense", name="unseen", miou=1.0, protocol=proto))
+  described = results.write(str(tmp_path), mode="eval", step=5, config=config, results=dict(
+      evaluator="dense", name="unseen", miou=2.0, protocol=dict(proto, candidates="description")))
+  assert os.path.basename(plain) == "eval_fold0_shot1_step5_unseen.json"
+  assert os.path.basename(described) == "eval_fold0_shot1_step5_unseen_description.json"
+  assert results.read(plain)["miou"] == 1.0  # not overwritten
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_are_readable_per_umask(tmp_path, umask):
+  from fssjax import utils
+  path = tmp_path / "sub" / "results.json"
+  old = os.umask(umask)
+  try:
+    utils.atomic_write_json(str(path), {"a": 1})
+    utils.atomic_write_json(str(path), {"a": 2})  # replaced atomically, same mode
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+  assert json.loads(path.read_text()) == {"a": 2}
+  assert os.listdir(tmp_path / "sub") == ["results.json"]  # no temporary file left

@@ -71,6 +71,26 @@ naming the field). It works with grain's orbax handler, which saves one file per
 Without a saved state, `train_loader(..., start_step=s)` starts at global step s with the
 same batches (the stream depends on the step only). Call `it.close()` to stop workers.
 
+Dense training (methods with `train_data = 'dense'`, `fssjax.methods.base.DenseInputs`).
+`dense_train_loader(config, source, inputs, ...)` returns a `TrainLoader` of whole images of
+a `fssjax.evaluators.DenseSource` (the data block `config.data.train`), with the same record
+= global step design, iterator state and any-worker-count determinism as the episodic stream.
+Global sample p = step * B + slot is image `order(epoch)[p mod n]`, epoch = p div n, where
+`order(epoch)` is a seeded permutation of the n images (detectron2's `TrainingSampler`: an
+infinite stream of shuffled passes). Each image is resized to S x S (S = data.image_size;
+bilinear, label maps nearest; ours: Mask2Former's recipe crops large-scale-jittered images),
+flipped left-right with probability 1/2 when data.augment (slot generator stream 1).
+
+  image           float32 [b, S, S, 3]     normalised by the method's `normalization`
+  image_index     int32   [b]              the image's index in the source
+  label           int32   [b, S, S]        class index or the source's ignore label (only
+                                           when `inputs.targets` is None)
+  <target keys>                            `inputs.targets(label, ignore)` per sample
+                                           (LLMFormer: target_classes int32 [b, T],
+                                           target_masks float32 [b, T, S, S])
+  <per-image keys>                         `inputs.per_image[key][image_index]`
+  <shared keys>                            `inputs.shared[key]` in every row
+
 Evaluation. `eval_loader(config, source, episodes, ...)` returns an `EvalLoader`: an iterable
 (re-iterable, `len` = number of batches) over the episodes in order; global batch g holds
 episodes g*B .. g*B + B - 1, the last one padded. Each process gets its slice with the
@@ -479,6 +499,142 @@ def train_loader(config, source: SegmentationSource, class_ids: Sequence[int], *
                      augment=spec.augment, source=str(getattr(source, "name", "")))
   if check:
     fingerprint["support_check_size"] = check
+  return TrainLoader(builder, int(config.train.num_steps), start_step, workers, fingerprint)
+
+
+# ---------------------------------------------------------------------------- dense training
+
+
+class _DenseTrainBatch:
+  """grain map transform: global step -> this process's rows of that step's dense batch."""
+
+  def __init__(self, source, inputs, *, image_size: int, normalization: str, augment: bool,
+               seed: int, first_slot: int, batch_size: int, global_batch_size: int,
+               skip_corrupt: bool):
+    self.source = source
+    self.per_image = {k: np.asarray(v) for k, v in dict(inputs.per_image).items()}
+    self.shared = {k: np.asarray(v) for k, v in dict(inputs.shared).items()}
+    self.targets = inputs.targets
+    self.size = int(image_size)
+    self.normalization = str(normalization)
+    self.augment = bool(augment)
+    self.seed = int(seed)
+    self.first_slot = int(first_slot)
+    self.batch_size = int(batch_size)
+    self.global_batch_size = int(global_batch_size)
+    self.skip_corrupt = bool(skip_corrupt)
+    self.ignore = int(getattr(source, "ignore_label", IGNORE))
+    self.n = len(source)
+    for key, value in self.per_image.items():
+      if value.shape[:1] != (self.n,):
+        raise ValueError(f"dense inputs: per-image {key!r} has {value.shape[0]} rows but the "
+                         f"source {getattr(source, 'name', '')!r} has {self.n} images")
+    self._orders: dict[int, np.ndarray] = {}
+
+  def order(self, epoch: int) -> np.ndarray:
+    """The image order of pass `epoch` (a permutation of 0..n-1, a function of seed, epoch)."""
+    epoch = int(epoch)
+    if epoch not in self._orders:
+      if len(self._orders) > 2:
+        self._orders.pop(min(self._orders))
+      self._orders[epoch] = np.random.default_rng(
+          [episodes_lib._seed_entropy(self.seed), epoch, 0x5E6]).permutation(self.n)  # pylint: disable=protected-access
+    return self._orders[epoch]
+
+  def index_at(self, position: int) -> int:
+    """The image index of global sample `position` (= step * global batch + slot)."""
+    epoch, pos = divmod(int(position), self.n)
+    return int(self.order(epoch)[pos])
+
+  def sample(self, index: int, flip: bool) -> dict[str, np.ndarray]:
+    """One training sample of image `index` (without the per-image and shared keys)."""
+    image, label = self.source.load(int(index))
+    image, label = np.asarray(image), np.asarray(label)
+    if label.shape != image.shape[:2]:
+      raise DataError(f"{getattr(self.source, 'name', 'source')} image {index}: label map "
+                       f"{list(label.shape)} and image {list(image.shape[:2])} differ in size")
+    s = self.size
+    image = transforms.resize_image(image, s, s)
+    label = transforms.resize_nearest(label, s, s).astype(np.int32)
+    if flip:
+      image, label = image[:, ::-1], label[:, ::-1]
+    out = {"image": transforms.normalize(np.ascontiguousarray(image), self.normalization)}
+    if self.targets is None:
+      out["label"] = np.ascontiguousarray(label)
+    else:
+      out.update({k: np.asarray(v) for k, v in self.targets(label, self.ignore).items()})
+    return out
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    rows, indices = [], []
+    for i in range(self.batch_size):
+      slot = self.first_slot + i
+      position = step * self.global_batch_size + slot
+      flip = self.augment and bool(episodes_lib.slot_rng(self.seed, step, slot, 1).random() < 0.5)
+      for attempt in range(MAX_REDRAWS):
+        index = self.index_at(position + attempt * self.global_batch_size)
+        try:
+          rows.append(self.sample(index, flip))
+          indices.append(index)
+          break
+        except DataError as e:
+          if not self.skip_corrupt:
+            raise DataError(f"step {step} slot {slot}: {e} (set data.skip_corrupt=True to "
+                            "skip unreadable records)") from e
+          logging.warning("step %d slot %d: skipping image %d (attempt %d): %s", step, slot,
+                          index, attempt + 1, e)
+      else:
+        raise DataError(f"step {step} slot {slot}: {MAX_REDRAWS} images in a row failed to "
+                        "load; the data set looks broken")
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    idx = np.asarray(indices, np.int64)
+    batch["image_index"] = idx.astype(np.int32)
+    for key, value in self.per_image.items():
+      batch[key] = value[idx]
+    for key, value in self.shared.items():
+      batch[key] = np.broadcast_to(value, (len(rows),) + value.shape).copy()
+    return batch
+
+
+def dense_train_loader(config, source, inputs=None, *, normalization: str, seed: int,
+                       global_batch_size: int, process_index: int | None = None,
+                       process_count: int | None = None, worker_count: int | None = None,
+                       start_step: int = 0) -> TrainLoader:
+  """The per-process dense training stream (see "Dense training" in the module docstring).
+
+  Args:
+    config: the run config (reads data.image_size, data.augment, data.workers,
+      data.skip_corrupt, train.num_steps).
+    source: the training split, a `fssjax.evaluators.DenseSource`.
+    inputs: the method's `fssjax.methods.base.DenseInputs` for `source` (default none).
+    normalization, seed, global_batch_size, process_index, process_count, worker_count,
+    start_step: as in `train_loader`.
+
+  Raises:
+    ValueError: an empty source, per-image arrays whose length is not the source's, a batch
+      size that does not split over the processes, a negative worker count.
+  """
+  from fssjax.methods.base import DenseInputs  # pylint: disable=g-import-not-at-top
+  inputs = inputs if inputs is not None else DenseInputs()
+  process_index, process_count = _process_layout(process_index, process_count)
+  b = _per_process_batch(global_batch_size, process_count)
+  if len(source) < 1:
+    raise ValueError(f"dense training source {getattr(source, 'name', '')!r} has no images")
+  data = config.data
+  size = int(data.image_size)
+  augment = bool(data.get("augment", False))
+  builder = _DenseTrainBatch(
+      source, inputs, image_size=size, normalization=normalization, augment=augment,
+      seed=seed, first_slot=process_index * b, batch_size=b,
+      global_batch_size=int(global_batch_size), skip_corrupt=bool(data.get("skip_corrupt",
+                                                                            False)))
+  workers = int(data.workers if worker_count is None else worker_count)
+  if workers < 0:
+    raise ValueError(f"worker count must be >= 0, got {workers}")
+  fingerprint = dict(kind="dense", seed=int(seed), global_batch_size=int(global_batch_size),
+                     image_size=size, augment=augment, images=len(source),
+                     source=str(getattr(source, "name", "")))
   return TrainLoader(builder, int(config.train.num_steps), start_step, workers, fingerprint)
 
 

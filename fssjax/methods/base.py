@@ -21,6 +21,12 @@ A method owns its Linen module(s), its loss and its prediction. The generic trai
     frozen)` gives the whole variables tree back.
   * `views()` / `texts()`: extra image views and text fields the method needs in its batch
     (`fssjax.data.views.ViewSpec` / `TextSpec`), built by the data pipeline's workers.
+  * dense methods (semantic segmentation over whole images, `train_data = 'dense'`):
+    `dense_inputs(source, split) -> DenseInputs`, what a dense sample carries beyond the
+    image and its label map (per-image arrays such as LLM priors, arrays shared by every
+    training sample such as class-name embeddings, training targets computed in the data
+    workers, per-image candidate names); the dense batch keys are in the
+    `fssjax.data.pipeline` module docstring.
 
 Batch contract (NumPy in the loaders, global `jax.Array`s sharded over the batch dimension in
 the step; every key, its shape, dtype and meaning are defined in the `fssjax.data.pipeline`
@@ -43,6 +49,7 @@ the original size, `query_size` int32 [B, 2] and `query_mask_orig` uint8 [B, Hma
 from __future__ import annotations
 
 import abc
+import dataclasses
 import difflib
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -231,6 +238,31 @@ def initialize(method: "Method", rng: jax.Array, batch: Mapping[str, Any]
 # The interface.
 
 
+@dataclasses.dataclass
+class DenseInputs:
+  """What a dense method adds to the samples of one dense source (`Method.dense_inputs`).
+
+  Attributes:
+    per_image: {batch key: array [len(source), ...]}: row i travels with image i, in training
+      samples and in the dense evaluator's batches (padding rows: zeros). LLMFormer: the prior
+      embeddings of each image's description ('prior_objects', ...).
+    shared: {batch key: array [...]}: the same array in every training sample (batch
+      [B, ...]); not used by the evaluator. LLMFormer: 'class_embeddings' [K, D], the text
+      embeddings of the training class names.
+    targets: None (the sample carries 'label' int32 [S, S], ignore = the source's ignore
+      label), or a picklable `fn(label int32 [S, S], ignore_label int) -> {batch key: array}`
+      run in the data workers in its place. LLMFormer: one binary mask per class present
+      (`fssjax.data.dense.semantic_targets`: 'target_classes', 'target_masks').
+    candidates: None, or per image the class names read from its description (a tuple of
+      str each): the dense evaluator's candidate-free mode (`candidates='description'`).
+  """
+
+  per_image: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  shared: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  targets: Callable[[np.ndarray, int], Mapping[str, np.ndarray]] | None = None
+  candidates: Sequence[Sequence[str]] | None = None
+
+
 class Method(abc.ABC):
   """Base class of a few-shot segmentation method.
 
@@ -253,6 +285,10 @@ class Method(abc.ABC):
       `fssjax.evaluators.DenseMethod`; 'retrieval' needs `image_features(params, frozen,
       images [N,H,W,3]) -> [N, h, w, C]` feature maps (or pooled [N, D]; then only
       `similarity='global'`), see `fssjax.methods.retrieval`).
+    train_data: what the generic trainer feeds `loss`: 'episodes' (few-shot episodes,
+      `fssjax.data.pipeline.train_loader`) or 'dense' (whole images with label maps of the
+      dense data block `config.data.train`, `fssjax.data.pipeline.dense_train_loader`, plus
+      what `dense_inputs` declares).
   """
 
   MODEL_DEFAULTS: Mapping[str, Any] = {}
@@ -263,6 +299,10 @@ class Method(abc.ABC):
   align_corners: bool = True
   interpolation: str = "bilinear"
   evaluators: tuple[str, ...] = ("episodic",)
+  train_data: str = "episodes"
+  # `model.<key>` names that only change evaluation (not the trained network): the resume /
+  # `--mode=eval` config checks skip them, and results files are tagged with their values.
+  evaluation_keys: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -300,6 +340,13 @@ class Method(abc.ABC):
   def texts(self) -> list:
     """Text fields (`fssjax.data.views.TextSpec`) the batch must carry (default none)."""
     return []
+
+  def dense_inputs(self, source, split: str) -> DenseInputs:
+    """What dense samples of `source` (a `fssjax.evaluators.DenseSource`) carry beyond the
+    image and label map, for `split` 'train' (the trainer's dense pipeline) or 'eval' (the
+    dense evaluator). Host-side, called once per source. Default: nothing."""
+    del source, split
+    return DenseInputs()
 
   @abc.abstractmethod
   def init(self, rng: jax.Array, batch: Mapping[str, Any]) -> dict:

@@ -1,8 +1,9 @@
 """LLMFormer (Shi, Dao, Cai, "LLMFormer: Large Language Model for Open-Vocabulary Semantic
 Segmentation", IJCV 2024) as an fssjax method: open-vocabulary semantic segmentation with
 priors parsed from an image description. No code was released; the network and the choices
-made where the paper is silent are in `fssjax.nn.llmformer`; here are the data, the loss, the
-prediction, the evaluation and the training loop.
+made where the paper is silent are in `fssjax.nn.llmformer`; here are the inputs, the loss and
+the prediction. Training and evaluation are the generic ones (`fssjax.train` with the dense
+training stream, `fssjax.evaluators.DenseEvaluator`).
 
 Inputs per image (declared, precomputed): the image, and the description's priors
 (`fssjax.priors.scene_graph.ScenePriors`) embedded with MiniLM (`PriorBank`): object names,
@@ -19,38 +20,40 @@ lists) only the first synonym is embedded (ours; FC-CLIP averages synonyms and p
 templates). The classifier compares each mask with them, so any list of names can be scored
 (open vocabulary).
 
-Training (`train_and_evaluate`, its own loop: the generic trainer draws few-shot episodes):
-batches of whole images resized to `data.image_size` squared (ours; the published recipe of
-Mask2Former crops large-scale-jittered 640 crops), targets one binary mask per class present
-(`fssjax.data.dense.semantic_targets`), Hungarian matching and the Mask2Former losses
+Training (`fssjax.train`, `train_data = 'dense'`: `fssjax.data.pipeline.dense_train_loader`
+over the dense data block `config.data.train`, with orbax checkpoints and exact resume):
+whole images resized to `data.image_size` squared (ours; the published recipe of Mask2Former
+crops large-scale-jittered 640 crops), with what `dense_inputs` declares: the priors, the
+training class names' embeddings and one binary mask per class present (`mask_targets`,
+`fssjax.data.dense.semantic_targets`), Hungarian matching and the Mask2Former losses
 (`fssjax.nn.matching.set_criterion`: class 2, mask BCE 5, Dice 5 on `model.num_points`
 uncertain points, no-object weight 0.1) on the output of every decoder layer (auxiliary
-losses, summed), AdamW.
+losses, summed), the optimiser of `fssjax.optim` (AdamW).
 
-Evaluation (`evaluate_dense`, the published open-vocabulary protocol): whole image, shorter
-side resized to `data.image_size` (640 by default; `fssjax.data.dense.resize_for_eval`),
-padded to a multiple of 32 (bottom / right, zeros after normalisation, cropped from the
-logits), Mask2Former's `semantic_inference`, logits resized back to the label's size
-(bilinear, half-pixel) and the argmax scored by `fssjax.metrics.DenseAccumulator`
-(detectron2's mIoU). `candidates='dataset'`: the evaluated set's class names;
+Evaluation (`fssjax.evaluators.DenseEvaluator`, the published open-vocabulary protocol):
+whole image, shorter side resized to the evaluator's `data.image_size` (640 by default;
+`fssjax.data.dense.resize_for_eval`), padded to a multiple of 32 (bottom / right, zeros
+after normalisation; never scored), Mask2Former's `semantic_inference`, scores upsampled to
+the padded input, cropped and resized back to the label's size (bilinear, half-pixel) and the
+argmax scored by `fssjax.metrics.DenseAccumulator` (detectron2's mIoU); each image's priors
+reach `predict_dense` as the batch's `prior_*` rows (`dense_inputs`).
+`candidates='dataset'`: the evaluated set's class names;
 `candidates='description'`: no list is given, each image's candidates are its parsed objects
 (object phrase without the size word: attributes + name, e.g. "red dotted circle"), and each
 candidate's predicted pixels are scored as the data set class whose name embedding is nearest
-to the candidate's (cosine) -- the names come from the image's description only.
+to the candidate's (cosine) -- the names come from the image's description only (the
+evaluator's `candidates='description'`). `evaluate_dense` runs that evaluator on a source
+with prebuilt priors (tests, notebooks).
 
-Without a prior-aware evaluator the method also serves the generic dense evaluator
-(`predict_dense`, priors taken from the batch's `prior_*` keys when present, else none).
-
-Entry point: `python -m fssjax.methods.llmformer --config=configs/llmformer_cocostuff.py:demo
---workdir=runs/llmformer_demo`.
+Entry point: `python -m fssjax.main --config=configs/llmformer_cocostuff.py:demo
+--workdir=runs/llmformer_demo` (`config.variants`: one run per variant in WORKDIR/<name>);
+`python -m fssjax.methods.llmformer` with the same flags is an alias.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
-import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -59,7 +62,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fssjax.data import transforms
+from fssjax import evaluators as evaluators_lib
 from fssjax.methods.base import ConfigError, Method
 from fssjax.nn import llmformer as llm
 from fssjax.nn import mask2former as m2f
@@ -106,7 +109,9 @@ class TextCache:
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     todo = sorted({t for t in texts if t not in self.table})
     if todo:
-      emb = np.asarray(self.encoder.encode(todo), np.float32)
+      # Called at trace time too (predict_dense under jit): a JAX encoder then runs eagerly.
+      with jax.ensure_compile_time_eval():
+        emb = np.asarray(self.encoder.encode(todo), np.float32)
       self.table.update(zip(todo, emb))
     return (np.stack([self.table[t] for t in texts]).astype(np.float32) if len(texts)
             else np.zeros((0, self.dim), np.float32))
@@ -238,12 +243,8 @@ class LLMFormer(Method):
   normalization = "imagenet"
   align_corners = False
   evaluators = ("dense",)
-
-  @staticmethod
-  def own_training_loop(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """`fssjax.main` hands training to `train_and_evaluate` below: the generic trainer draws
-    few-shot episodes and has no dense (whole-image) training batches yet."""
-    return train_and_evaluate(config, workdir)
+  train_data = "dense"  # fssjax.train feeds `loss` whole images of config.data.train
+  evaluation_keys = ("candidates",)  # model keys that only change evaluation
 
   def __init__(self, config: ml_collections.ConfigDict, *, text_encoder=None):
     super().__init__(config)
@@ -282,21 +283,67 @@ class LLMFormer(Method):
   def text(self) -> TextCache:
     """The class-name / prior text encoder (MiniLM unless one was given), memoised."""
     if self._text is None:
-      if self._text_encoder is None:
-        from fssjax.priors.text_encoder import SentenceEncoder  # pylint: disable=import-outside-toplevel
-        self._text_encoder = SentenceEncoder.minilm()
-      self._text = TextCache(self._text_encoder)
+      if self._text_encoder is None:  # MiniLM, loaded once per process (variants share it)
+        if "minilm" not in _DEFAULT_TEXT:
+          from fssjax.priors.text_encoder import SentenceEncoder  # pylint: disable=import-outside-toplevel
+          _DEFAULT_TEXT["minilm"] = TextCache(SentenceEncoder.minilm())
+        self._text = _DEFAULT_TEXT["minilm"]
+        self._text_encoder = self._text.encoder
+      else:
+        self._text = TextCache(self._text_encoder)
     return self._text
 
   def class_embeddings(self, class_names: Sequence[str]) -> np.ndarray:
     """[K, D] unit text embeddings of the class names (host; call at trace time)."""
     return self.text.encode([class_name_text(n) for n in class_names])
 
+  def dense_inputs(self, source, split: str):
+    """`fssjax.methods.base.DenseInputs` of a dense source: the prior embeddings of each
+    image ('prior_*', `PriorBank`; from `model.priors_files[key]`, key 'train' for training,
+    else the source's data set name such as 'ade20k_150', else the source's exact priors,
+    else none), each image's description candidates (`description_candidates`); for training
+    also the class-name embeddings of the source ('class_embeddings' [K, D]) and the
+    mask-classification targets (`fssjax.data.dense.semantic_targets`, `model.max_targets`).
+    Built once per (source, priors file, sizes, text encoder) in a process."""
+    from fssjax.methods.base import DenseInputs  # pylint: disable=import-outside-toplevel
+    o = self.opts
+    files = dict(o["priors_files"] or {})
+    name = str(getattr(source, "name", ""))
+    bench = str(getattr(source, "benchmark", "") or name.split("-")[0])
+    pfile = files.get("train", "") if split == "train" else (
+        files.get(bench, "") or files.get(name, ""))
+    key = (name, len(source), pfile, int(o["max_objects"]), int(o["max_attributes"]),
+           int(o["max_relations"]), id(self.text))
+    if key not in _BANKS:
+      plist = source_priors(source, pfile)
+      if any(p is not None for p in plist):
+        print(f"[llmformer] embedding the priors of {len(plist)} images of {name}",
+              flush=True)
+      bank = PriorBank.build(plist, self.text, max_objects=int(o["max_objects"]),
+                             max_attributes=int(o["max_attributes"]),
+                             max_relations=int(o["max_relations"]))
+      _BANKS[key] = (bank, [tuple(description_candidates(p)) for p in plist])
+    bank, cands = _BANKS[key]
+    per_image = {f"prior_{k}": bank.arrays[k] for k in llm.Priors._fields}
+    if split != "train":
+      return DenseInputs(per_image=per_image, candidates=cands)
+    return DenseInputs(
+        per_image=per_image,
+        shared={"class_embeddings": self.class_embeddings(tuple(source.class_names))},
+        targets=functools.partial(mask_targets, max_targets=int(o["max_targets"])),
+        candidates=cands)
+
   @classmethod
   def missing_inputs(cls, config: ml_collections.ConfigDict) -> list[str]:
+    """Missing weights, priors files and dense data roots (data.train, evals.*.data)."""
     model = config.get("model", {})
     out = []
     w = str(model.get("encoder_weights", "") or "")
+    encoder = str(model.get("encoder", "") or "")
+    if not w and encoder.startswith("resnet") and encoder != "resnet_tiny":
+      out.append(f"model.encoder_weights is empty: the {encoder} encoder starts from ImageNet "
+                 "weights as every published Mask2Former / FC-CLIP recipe does (a torchvision "
+                 "ResNet state dict saved as safetensors; `weights=` in the config's argument)")
     if w and not os.path.exists(w):
       out.append(f"model.encoder_weights={w!r}: no such file (a torchvision ResNet state "
                  "dict saved as safetensors)")
@@ -305,7 +352,7 @@ class LLMFormer(Method):
       if path and not os.path.exists(path):
         out.append(f"model.priors_files[{name!r}]={path!r}: no such file (write it with "
                    "`python -m fssjax.priors.describe_images`)")
-    return out
+    return out  # dense data roots: `fssjax.checks.preflight` checks them for every method
 
   # -- variables ----------------------------------------------------------------------------
 
@@ -356,7 +403,8 @@ class LLMFormer(Method):
     """Mask2Former's set loss on every decoder output (auxiliary losses), summed.
 
     batch: image [B, S, S, 3], target_classes int32 [B, T] (index into the batch's
-    `class_embeddings` [K, D], -1 padding), target_masks [B, T, S, S], prior_* keys.
+    `class_embeddings` [K, D], or [B, K, D] one list per example; -1 padding),
+    target_masks [B, T, S, S], prior_* keys.
     """
     o = self.opts
     image, priors = self._example(batch)
@@ -382,8 +430,11 @@ class LLMFormer(Method):
 
   def predict_dense(self, params, frozen, batch, class_names):
     """The dense evaluator's interface (`fssjax.evaluators.DenseMethod`): logits
-    [B, H/4, W/4, K]; priors from the batch's `prior_*` keys, none when absent."""
-    text = jnp.asarray(self.class_embeddings(class_names))
+    [B, H/4, W/4, K]; priors from the batch's `prior_*` keys, none when absent; the class
+    names' text from the batch's `class_embeddings` [B, K, D] when present (one candidate
+    list per image), else `class_names` embedded."""
+    text = (jnp.asarray(batch["class_embeddings"], jnp.float32) if "class_embeddings" in batch
+            else jnp.asarray(self.class_embeddings(class_names)))
     priors = (llm.priors_from_batch(batch, self.text_dim) if llm.PRIOR_KEYS[0] in batch
               else None)
     return self.dense_logits(params, frozen, batch["image"], text, priors)
@@ -401,76 +452,23 @@ METHOD = LLMFormer
 # Data.
 
 
-def palette(n: int = 256) -> np.ndarray:
-  """The fixed label-map palette: PASCAL VOC's bit-interleaved colour map (uint8 [n, 3]);
-  the ignore label is drawn black, index 0 too (VOC's background)."""
-  out = np.zeros((n, 3), np.uint8)
-  for i in range(n):
-    c, r, g, b = i, 0, 0, 0
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    out[i] = (r, g, b)
-  return out
+def mask_targets(label: np.ndarray, ignore_label: int, *, max_targets: int
+                 ) -> dict[str, np.ndarray]:
+  """The training targets of one label map (run in the data workers): {'target_classes'
+  int32 [T], 'target_masks' float32 [T, S, S]} (`fssjax.data.dense.semantic_targets`)."""
+  from fssjax.data import dense  # pylint: disable=import-outside-toplevel
+  classes, masks = dense.semantic_targets(label, ignore_label, max_targets)
+  return {"target_classes": classes, "target_masks": masks}
 
 
-def colorize(label: np.ndarray, ignore: int = 255) -> np.ndarray:
-  """Label map [H, W] -> uint8 [H, W, 3] in the fixed palette (ignore = white)."""
-  pal = palette(256)
-  label = np.asarray(label)
-  out = pal[np.where(label == ignore, 0, (label + 1) % 256)]
-  out[label == ignore] = 255
-  return out
-
-
-class DenseBatches:
-  """Random training batches of a dense source (host numpy): whole images resized to S x S
-  (bilinear; labels nearest), mask-classification targets and the images' priors.
-
-  Args:
-    source: a `DenseSource`. bank: its `PriorBank`. image_size: S (a multiple of 32).
-    batch_size, max_targets, seed, normalization.
-  """
-
-  def __init__(self, source, bank: PriorBank, *, image_size: int, batch_size: int,
-               max_targets: int, seed: int, normalization: str = "imagenet"):
-    from fssjax.data import dense  # pylint: disable=import-outside-toplevel
-    self._dense = dense
-    self.source, self.bank = source, bank
-    self.size, self.batch_size, self.max_targets = int(image_size), int(batch_size), int(max_targets)
-    self.normalization = normalization
-    self.rng = np.random.default_rng(seed)
-    self.ignore = int(getattr(source, "ignore_label", 255))
-
-  def example(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    image, label = self.source.load(int(index))
-    s = self.size
-    if image.shape[:2] != (s, s):
-      image = transforms.resize_image(image, s, s)
-      label = transforms.resize_nearest(np.asarray(label), s, s)
-    x = transforms.normalize(np.asarray(image), self.normalization)
-    classes, masks = self._dense.semantic_targets(label, self.ignore, self.max_targets)
-    return x, classes, masks
-
-  def __iter__(self):
-    while True:
-      idx = self.rng.integers(0, len(self.source), self.batch_size)
-      xs, cs, ms = zip(*(self.example(i) for i in idx))
-      batch = dict(image=np.stack(xs), target_classes=np.stack(cs), target_masks=np.stack(ms))
-      batch.update(self.bank.batch(idx))
-      yield batch
+# The fixed palette and pictures live with the dense evaluator (kept here for old imports).
+palette = evaluators_lib.palette
+colorize = evaluators_lib.colorize
+example_picture = evaluators_lib.example_picture
 
 
 # ------------------------------------------------------------------------------------------
 # Evaluation.
-
-
-def _pad32(x: np.ndarray) -> np.ndarray:
-  h, w = x.shape[:2]
-  ph, pw = (-h) % 32, (-w) % 32
-  return np.pad(x, ((0, ph), (0, pw), (0, 0))) if ph or pw else x
 
 
 def description_candidates(priors) -> list[str]:
@@ -489,113 +487,45 @@ def description_candidates(priors) -> list[str]:
   return out
 
 
-def evaluate_dense(method: LLMFormer, params, frozen, source, *, bank: Optional[PriorBank],
-                   image_size: int = 640, max_size: int = 2560, class_names=None,
-                   candidates: str = "dataset", priors: Optional[Sequence[Any]] = None,
-                   use_priors: bool = True, max_images: int = 0, batch_size: int = 8,
+def evaluate_dense(method: LLMFormer, params, frozen, source, *,
+                   bank: Optional[PriorBank] = None, image_size: int = 640,
+                   max_size: int = 2560, candidates: str = "dataset",
+                   priors: Optional[Sequence[Any]] = None, batch_size: int = 8,
                    examples: int = 0) -> dict:
-  """Scores `method` on a dense source with the open-vocabulary protocol (module docstring).
+  """Scores `method` on a dense source with `fssjax.evaluators.DenseEvaluator` (the
+  open-vocabulary protocol), with prebuilt priors: for tests and notebooks (runs use
+  `fssjax.main`, whose evaluators build the priors through `LLMFormer.dense_inputs`).
 
   Args:
-    source: a `DenseSource`; bank: its `PriorBank` (None or use_priors=False: no priors).
+    source: a `DenseSource`; bank: its `PriorBank` (None: no priors).
     image_size: the shorter side (640 published); max_size: its cap on the longer side.
-    class_names: the candidate names (default: the source's).
     candidates: 'dataset' or 'description' (needs `priors`: the `ScenePriors` per image).
     examples: > 0: also return that many (image uint8, truth, prediction) triples.
 
   Returns:
-    the `DenseAccumulator` result (miou, per_class_iou, ...) plus class_names {i: name},
-    n_images, protocol, wall_time_s and 'examples'.
+    the dense evaluator's results plus 'examples'.
   """
-  from fssjax import metrics  # pylint: disable=import-outside-toplevel
-  from fssjax.data import dense  # pylint: disable=import-outside-toplevel
-  names = tuple(class_names or source.class_names)
-  k = len(names)
-  ignore = int(getattr(source, "ignore_label", 255))
-  acc = metrics.DenseAccumulator(k, ignore=ignore)
-  text = jnp.asarray(method.class_embeddings(names))
-  name_emb = np.asarray(text)
-  n = len(source) if not max_images else min(len(source), int(max_images))
-  start = time.perf_counter()
-
-  @jax.jit
-  def run(params, frozen, image, text, prior_batch):
-    pri = llm.Priors(*(prior_batch[key] for key in llm.PRIOR_KEYS)) if prior_batch else None
-    return method.dense_logits(params, frozen, image, text, pri)
-
-  shown = []
-  i = 0
-  while i < n:
-    group, shape = [], None
-    while i < n and len(group) < batch_size:
-      image, label = source.load(i)
-      small = dense.resize_for_eval(np.asarray(image), image_size, max_size)
-      x = _pad32(transforms.normalize(small, method.normalization))
-      if shape is not None and x.shape != shape:
-        break
-      shape = x.shape
-      group.append((i, image, label, small.shape[:2], x))
-      i += 1
-    idx = [g[0] for g in group]
-    pb = bank.batch(idx) if (bank is not None and use_priors) else {}
-    if candidates == "description":
-      for j, (index, image, label, (h, w), x) in enumerate(group):
-        cands = description_candidates(priors[index] if priors is not None else None)
-        if not cands:
-          pred = np.zeros(label.shape, np.int64)  # nothing named: class 0 everywhere
-        else:
-          cemb = method.text.encode(cands)
-          logits = run(params, frozen, x[None], jnp.asarray(cemb),
-                       {kk: v[j:j + 1] for kk, v in pb.items()})
-          hh, ww = -(-h // 4), -(-w // 4)
-          lab = np.asarray(dense.predict_label_map(logits[0, :hh, :ww], *label.shape))
-          to_class = np.argmax(cemb @ name_emb.T, -1)
-          pred = to_class[lab]
-        acc.update(pred, label)
-        if len(shown) < examples:
-          shown.append((np.asarray(image), np.asarray(label), pred))
-      continue
-    logits = run(params, frozen, np.stack([g[4] for g in group]), text, pb)
-    for j, (index, image, label, (h, w), _) in enumerate(group):
-      hh, ww = -(-h // 4), -(-w // 4)
-      pred = dense.predict_label_map(logits[j, :hh, :ww], *label.shape)
-      acc.update(pred, label)
-      if len(shown) < examples:
-        shown.append((np.asarray(image), np.asarray(label), pred))
-  res = acc.result()
-  res.update(class_names=dict(enumerate(names)), n_images=n, evaluator="dense",
-             wall_time_s=time.perf_counter() - start, examples=shown,
-             protocol=dict(short_side=image_size, max_size=max_size, candidates=candidates,
-                           priors=bool(bank is not None and use_priors),
-                           source=getattr(source, "name", "")))
+  from fssjax.methods.base import DenseInputs  # pylint: disable=import-outside-toplevel
+  per_image = ({f"prior_{k}": bank.arrays[k] for k in llm.Priors._fields}
+               if bank is not None else {})
+  cands = ([tuple(description_candidates(p)) for p in priors] if priors is not None
+           else None)
+  ev = evaluators_lib.DenseEvaluator(
+      "dense", ml_collections.ConfigDict(dict(image_size=image_size, max_size=max_size)),
+      every=0, prefix="dense", batch_size=batch_size, source=source, candidates=candidates,
+      num_summary=examples, inputs=DenseInputs(per_image=per_image, candidates=cands))
+  res = ev.run(method, params, frozen)
+  res["examples"] = ev.last_examples
   return res
 
 
-def example_picture(examples, ignore: int = 255) -> np.ndarray:
-  """Rows of [image | truth | prediction] (fixed palette) as one uint8 [H, W, 3] picture."""
-  rows = []
-  for image, truth, pred in examples:
-    rows.append(np.concatenate([image, colorize(truth, ignore), colorize(pred, ignore)], 1))
-  return np.concatenate(rows, 0) if rows else np.zeros((8, 8, 3), np.uint8)
-
-
 # ------------------------------------------------------------------------------------------
-# Training.
-
-
-def make_optimizer(config):
-  o = config.optimizer
-  steps = int(config.train.num_steps)
-  warm = int(o.get("warmup_steps", 0))
-  sched = optax.warmup_cosine_decay_schedule(0.0, float(o.lr), max(warm, 1), max(steps, warm + 1))
-  chain = []
-  if float(o.get("clip_norm", 0.0) or 0.0) > 0:
-    chain.append(optax.clip_by_global_norm(float(o.clip_norm)))
-  chain.append(optax.adamw(sched, weight_decay=float(o.get("weight_decay", 0.0))))
-  return optax.chain(*chain)
+# Training helpers (runs train through `fssjax.train`; `python -m fssjax.main`).
 
 
 def make_train_step(method: LLMFormer, tx):
+  """A jitted `(params, opt_state, frozen, batch, rng) -> (params, opt_state, metrics)` with
+  the optax transform `tx`: for tests and notebooks."""
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, frozen, batch, rng):
     (loss, metrics), grads = jax.value_and_grad(method.loss, has_aux=True)(
@@ -607,139 +537,14 @@ def make_train_step(method: LLMFormer, tx):
   return step
 
 
-def _source(data) -> Any:
-  from fssjax import evaluators  # pylint: disable=import-outside-toplevel
-  return evaluators.dense_source(data)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains LLMFormer on `config.data` (a dense data block, `data.train`) and scores the dense
-  `config.evals`, for each variant of `config.variants` (model overrides; one run per
-  variant in `workdir/<variant>`). Writes TensorBoard scalars, the example pictures (image |
-  truth | prediction in the fixed palette) and `results.json`; returns the results.
-
-  Raises:
-    MissingInputsError: files named by the config that do not exist (checked first).
-  """
-  from fssjax import monitoring  # pylint: disable=import-outside-toplevel
-  from fssjax.checks import MissingInputsError  # pylint: disable=import-outside-toplevel
-  from fssjax.methods import base  # pylint: disable=import-outside-toplevel
-  missing = missing_inputs(config)
-  if missing:
-    raise MissingInputsError("\n".join(missing))
-  os.makedirs(workdir, exist_ok=True)
-  variants = dict(config.get("variants", None) or {"default": {}})
-  train_data = config.data.train
-  src = _source(train_data)
-  evals = {name: _source(e.data) for name, e in config.evals.items()}
-  t0 = time.perf_counter()
-  all_results = {}
-  text = None
-  banks = {}
-  for vname, overrides in variants.items():
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    for key, value in dict(overrides).items():
-      cfg.model[key] = value
-    method = LLMFormer(cfg, text_encoder=text.encoder if text else None)
-    if text is not None:
-      method._text = text  # pylint: disable=protected-access
-    text = method.text
-    o = method.opts
-    pf = dict(o["priors_files"] or {})
-    if "train" not in banks:
-      print(f"[llmformer] embedding priors of {len(src)} training images", flush=True)
-      banks["train"] = PriorBank.build(source_priors(src, pf.get("train", "")), text,
-                                       max_objects=o["max_objects"],
-                                       max_attributes=o["max_attributes"],
-                                       max_relations=o["max_relations"])
-      for name, es in evals.items():
-        plist = source_priors(es, pf.get(name, ""))
-        banks[name] = (PriorBank.build(plist, text, max_objects=o["max_objects"],
-                                       max_attributes=o["max_attributes"],
-                                       max_relations=o["max_relations"]), plist)
-    vdir = os.path.join(workdir, vname)
-    writer = monitoring.create_writer(vdir)
-    train_names = tuple(src.class_names)
-    class_emb = method.class_embeddings(train_names)
-    it = iter(DenseBatches(src, banks["train"], image_size=int(cfg.data.image_size),
-                           batch_size=int(cfg.train.batch_size),
-                           max_targets=int(o["max_targets"]), seed=int(cfg.seed)))
-    first = next(it)
-    first["class_embeddings"] = class_emb
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(int(cfg.seed)))
-    params, frozen = base.initialize(method, init_key,
-                                     {k: v[:1] for k, v in first.items() if k != "class_embeddings"})
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"[llmformer:{vname}] {n_params:,} trainable parameters; attentions: semantic="
-          f"{o['semantic_attention']} scaled_visual={o['scaled_visual_attention']} relation="
-          f"{o['relation_attention']}", flush=True)
-    tx = make_optimizer(cfg)
-    opt_state = tx.init(params)
-    step_fn = make_train_step(method, tx)
-    steps = int(cfg.train.num_steps)
-    log_every = int(cfg.train.log_every)
-    tv = time.perf_counter()
-    batch = first
-    for s in range(steps):
-      if s:
-        batch = next(it)
-        batch["class_embeddings"] = class_emb
-      params, opt_state, m = step_fn(params, opt_state, frozen, batch,
-                                     jax.random.fold_in(train_key, s))
-      if (s + 1) % log_every == 0 or s + 1 == steps:
-        m = {k: float(v) for k, v in m.items()}
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"[llmformer:{vname}] non-finite loss at step {s + 1}")
-        writer.write_scalars(s + 1, {f"train/{k}": v for k, v in m.items()})
-        rate = (s + 1) / (time.perf_counter() - tv)
-        print(f"[llmformer:{vname}] step {s + 1}/{steps} loss {m['loss']:.3f} (ce "
-              f"{m['loss_cross_entropy']:.3f} mask {m['loss_mask']:.3f} dice "
-              f"{m['loss_dice']:.3f}) {rate:.2f} steps/s", flush=True)
-    results = {}
-    for name, e in config.evals.items():
-      bank, plist = banks[name]
-      r = evaluate_dense(method, params, frozen, evals[name], bank=bank,
-                         image_size=int(e.data.get("image_size", 640)),
-                         candidates=str(e.get("candidates", "dataset")), priors=plist,
-                         max_images=int(e.data.get("max_images", 0) or 0),
-                         batch_size=int(config.eval.batch_size), examples=4)
-      pic = example_picture(r.pop("examples"), int(getattr(evals[name], "ignore_label", 255)))
-      writer.write_images(steps, {f"{name}/image_truth_prediction": pic[None]})
-      monitoring.write_eval(writer, steps, dict(r, evaluator="dense"), prefix=name)
-      print(f"[llmformer:{vname}] {name}: mIoU {r['miou']:.2f} ({r['n_images']} images, "
-            f"{len(evals[name].class_names)} candidate names)", flush=True)
-      results[name] = {k: v for k, v in r.items() if k != "confusion_matrix"}
-    writer.flush()
-    writer.close()
-    all_results[vname] = results
-  out = dict(results=monitoring.jsonable(all_results), wall_time_s=time.perf_counter() - t0)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(out, f, indent=1, default=str)
-  return out
-
-
 def missing_inputs(config) -> list[str]:
-  """Every input file or data root the config names that does not exist (one line each),
-  checked before anything runs."""
-  out = list(LLMFormer.missing_inputs(config))
-  blocks = [("data.train", config.data.train)] + [(f"evals.{k}.data", e.data)
-                                                  for k, e in config.evals.items()]
-  for key, data in blocks:
-    ds = str(data.get("dataset", ""))
-    if ds == "synthetic_dense":
-      continue
-    root = str(data.get("root", "") or "")
-    from fssjax.data import dense  # pylint: disable=import-outside-toplevel
-    try:
-      dense.resolve_root(ds, root)
-    except Exception as e:  # pylint: disable=broad-except
-      first = str(e).split("\n")[0]
-      out.append(f"{key}: {ds} data not found ({first})")
-  return out
+  """Every input file or data root the config names that does not exist (one line each)."""
+  return LLMFormer.missing_inputs(config)
 
 
 def main(argv=None) -> int:
-  """`python -m fssjax.methods.llmformer --config=FILE[:args] --workdir=DIR`."""
+  """`python -m fssjax.methods.llmformer --config=FILE[:args] --workdir=DIR`: the same run as
+  `python -m fssjax.main` (the generic trainer; `config.variants` each in WORKDIR/<name>)."""
   import argparse  # pylint: disable=import-outside-toplevel
   import importlib.util  # pylint: disable=import-outside-toplevel
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -751,17 +556,20 @@ def main(argv=None) -> int:
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config(arg or None)
+  from fssjax import main as main_lib  # pylint: disable=import-outside-toplevel
   from fssjax.checks import MissingInputsError  # pylint: disable=import-outside-toplevel
   try:
-    out = train_and_evaluate(config, a.workdir)
+    main_lib.run_config(config, a.workdir)
   except MissingInputsError as e:
     raise SystemExit(f"llmformer: missing inputs:\n{e}\nPoint the config at them (see the "
                      f"docstring of {path}) or run the offline demo, which needs nothing "
-                     f"downloaded:\n  python -m fssjax.methods.llmformer --config={path}:demo "
+                     f"downloaded:\n  python -m fssjax.main --config={path}:demo "
                      f"--workdir=runs/llmformer_demo") from None
-  print(json.dumps({v: {k: round(r["miou"], 2) for k, r in res.items()}
-                    for v, res in out["results"].items()}))
   return 0
+
+
+_DEFAULT_TEXT: dict = {}  # the shared MiniLM TextCache
+_BANKS: dict = {}  # dense_inputs' prior banks, per source / priors file / sizes / encoder
 
 
 if __name__ == "__main__":

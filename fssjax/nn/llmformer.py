@@ -373,7 +373,8 @@ class LLMFormerTransformerModule(nn.Module):
     dc = cfg.decoder
     e = dc.hidden_dim
     b = mask_features.shape[0]
-    level_embed = nn.Embed(m2f.NUM_FEATURE_LEVELS, e, name="level_embed")
+    level_embed = nn.Embed(m2f.NUM_FEATURE_LEVELS, e, embedding_init=m2f.EMBED_INIT,
+                           name="level_embed")
     feats, pos, sizes = [], [], []
     for i in range(m2f.NUM_FEATURE_LEVELS):
       x = multi_scale_features[i]
@@ -383,8 +384,10 @@ class LLMFormerTransformerModule(nn.Module):
       if self.in_features != e or dc.enforce_input_projection:
         x = nn.Conv(e, (1, 1), name=f"input_projections_{i}")(x)
       feats.append(x.reshape(b, h * w, e) + level_embed.embedding[i][None, None])
-    query_pos = nn.Embed(dc.num_queries, e, name="queries_embedder").embedding
-    learned = nn.Embed(dc.num_queries, e, name="queries_features").embedding
+    query_pos = nn.Embed(dc.num_queries, e, embedding_init=m2f.EMBED_INIT,
+                         name="queries_embedder").embedding
+    learned = nn.Embed(dc.num_queries, e, embedding_init=m2f.EMBED_INIT,
+                       name="queries_features").embedding
     query_pos = jnp.broadcast_to(query_pos[None], (b,) + query_pos.shape)
     query_features = jnp.broadcast_to(learned[None], (b,) + learned.shape)
     tokens = None
@@ -404,8 +407,9 @@ class LLMFormerTransformerModule(nn.Module):
 
 
 class OpenVocabularyClassifier(nn.Module):
-  """Query states [B, Q, C] x class-name embeddings [K, D] -> logits [B, Q, K + 1] (last =
-  no object): exp(logit_scale) * cosine (module docstring)."""
+  """Query states [B, Q, C] x class-name embeddings [K, D] (one list for the batch) or
+  [B, K, D] (one list per example) -> logits [B, Q, K + 1] (last = no object):
+  exp(logit_scale) * cosine (module docstring)."""
 
   text_dim: int
 
@@ -414,11 +418,16 @@ class OpenVocabularyClassifier(nn.Module):
     x = nn.Dense(self.text_dim, name="class_embed")(states).astype(jnp.float32)
     x = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
     void = self.param("void_embedding", nn.initializers.normal(0.02), (self.text_dim,))
-    t = jnp.concatenate([jnp.asarray(text_embeddings, jnp.float32), void[None]], 0)
+    t = jnp.asarray(text_embeddings, jnp.float32)
+    if t.ndim not in (2, 3):
+      raise ValueError(f"OpenVocabularyClassifier: text embeddings of shape {t.shape}; "
+                       "expected [K, D] or [B, K, D]")
+    t = jnp.concatenate([t, jnp.broadcast_to(void, t.shape[:-2] + (1, self.text_dim))], -2)
     t = t / (jnp.linalg.norm(t, axis=-1, keepdims=True) + 1e-6)
     scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
     scale = jnp.exp(jnp.minimum(scale, math.log(100.0)))
-    return scale * jnp.einsum("bqd,kd->bqk", x, t, precision=jax.lax.Precision.HIGHEST)
+    eq = "bqd,kd->bqk" if t.ndim == 2 else "bqd,bkd->bqk"
+    return scale * jnp.einsum(eq, x, t, precision=jax.lax.Precision.HIGHEST)
 
 
 class LLMFormerModel(nn.Module):
@@ -426,8 +435,8 @@ class LLMFormerModel(nn.Module):
   `pixel_decoder` (`Mask2FormerPixelDecoder`), `transformer_module`
   (`LLMFormerTransformerModule`), `classifier` (`OpenVocabularyClassifier`).
 
-  __call__(images [B, H, W, 3] float32, text_embeddings [K, text_dim], priors: `Priors` or
-  None) -> dict(class_logits: tuple per decoder output of [B, Q, K + 1] float32,
+  __call__(images [B, H, W, 3] float32, text_embeddings [K, text_dim] or [B, K, text_dim],
+  priors: `Priors` or None) -> dict(class_logits: tuple per decoder output of [B, Q, K + 1] float32,
   mask_logits: tuple of [B, Q, H/4, W/4], scale_weights, relation_assignments).
   H and W must be multiples of 32.
   """

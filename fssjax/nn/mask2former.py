@@ -58,6 +58,11 @@ from fssjax.nn.ops import resize_bilinear
 
 Array = jax.Array
 NUM_FEATURE_LEVELS = 3
+# Query (content and position) and level embeddings: N(0, 1), PyTorch's `nn.Embedding`
+# default, kept by the original Mask2Former and by transformers' `_init_weights`. (Flax's
+# `nn.Embed` default is N(0, 1 / width): with it the decoder layers' attention outputs swamp
+# the queries' identity and every query collapses onto the same mask and class.)
+EMBED_INIT = nn.initializers.normal(1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,7 +396,8 @@ class Mask2FormerTransformerModule(nn.Module):
       if len(shape) > 4 or any(d not in (1, w) for d, w in zip(shape[::-1], want[::-1])):
         raise ValueError(f"Mask2FormerTransformerModule: self_attn_bias has shape {shape}; "
                          f"expected a shape broadcastable to [B, heads, Q, Q] = {want}")
-    level_embed = nn.Embed(NUM_FEATURE_LEVELS, e, name="level_embed")
+    level_embed = nn.Embed(NUM_FEATURE_LEVELS, e, embedding_init=EMBED_INIT,
+                           name="level_embed")
     feats, pos, sizes = [], [], []
     for i in range(NUM_FEATURE_LEVELS):
       x = multi_scale_features[i]
@@ -401,8 +407,10 @@ class Mask2FormerTransformerModule(nn.Module):
       if self.in_features != e or cfg.enforce_input_projection:
         x = nn.Conv(e, (1, 1), name=f"input_projections_{i}")(x)
       feats.append(x.reshape(b, h * w, e) + level_embed.embedding[i][None, None])
-    query_pos = nn.Embed(cfg.num_queries, e, name="queries_embedder").embedding
-    learned = nn.Embed(cfg.num_queries, e, name="queries_features").embedding
+    query_pos = nn.Embed(cfg.num_queries, e, embedding_init=EMBED_INIT,
+                         name="queries_embedder").embedding
+    learned = nn.Embed(cfg.num_queries, e, embedding_init=EMBED_INIT,
+                       name="queries_features").embedding
     query_pos = jnp.broadcast_to(query_pos[None], (b,) + query_pos.shape)
     if query_features is None:
       query_features = jnp.broadcast_to(learned[None], (b,) + learned.shape)
