@@ -41,18 +41,17 @@ Offline demo (no downloads; the embedded synthetic benchmark, 128 x 128, fold 0)
   three prompt modes on the same 300 episodes (`evals`: both, visual, semantic), next to the
   all-foreground baseline. Stage 2 resumes from its checkpoints.
 
-  Measured (2026-11-30; fold 0, 1-shot, 128 x 128, the same 300 episodes for every mode):
-  both 36.5 mIoU / 66.6 FB-IoU, visual 36.3 / 66.5, semantic 31.8 / 61.7, all-foreground
-  7.8 / 3.9 (+28.7 mIoU), with the code before the speed-ups (1 h 20 min wall on the 2-core
-  machine shared with 6-7 other jobs, load 5-18). `demo,steps=200` with `scan_layers` and the
-  old lax.switch: both 30.5, visual 30.6, semantic 26.0, all-foreground 7.8 (1558 s of CPU,
-  1 h 15 min wall at load 4-17): 200 steps are not enough, the demo keeps 300.
-  Time (docs/dsv_lfs.md, "Where the time goes"), CPU seconds (user + sys): start-up 51,
-  stage 1 346 (the stage-2 compilation, 39 with `scan_layers`, overlaps it), stage 2 2.54
-  per step (was 4.65 with a lax.switch over the prompt modes), evaluation ~150: about 1310 s
-  (22 min) of CPU for the whole demo, at best ~11 min of wall on 2 idle cores
-  (not measured idle: the development machine runs at load 9-15; the 300-step numbers are
-  not re-measured with the final code).
+  Measured with this code (2026-11-30, fold 0, 1-shot, 128 x 128, the same 300 episodes for
+  every mode): both 30.8 mIoU / 61.9 FB-IoU, visual 30.8 / 61.9, semantic 32.6 / 62.2,
+  all-foreground 7.8 / 3.9 (+23.0 mIoU for `both`); 24 min 33 s wall on the 2-core machine
+  while the test suite ran beside it (load 4-6), 1240 s of CPU (user 1071 + sys 169), so at
+  best about 11 min of wall on 2 idle cores (not measured idle); peak RSS 5.5 GB. The code
+  before this session's speed-ups gave both 36.5, visual 36.3, semantic 31.8 (1 h 20 min at
+  load 5-18); the drop is not bisected: `scan_layers` changes the order of the initial draws
+  (a different stage-1 SAM and start), and the prompt-dropout step now computes the three
+  modes in one pass. Time, CPU seconds: start-up 51, stage 1 346 (the stage-2 compilation,
+  39 with `scan_layers`, overlaps it), stage 2 2.54 per step (4.65 with the old lax.switch
+  over the prompt modes), evaluation ~150 (docs/dsv_lfs.md, "Where the time goes").
 
 Arguments (`get_config("key=value,...")`): fold, shot, root, llava, clip, sam, llm (a LLaMA
 directory / GGUF instead of LLaVA's), tokenizer, allow_pickle, prompt (both | semantic |
