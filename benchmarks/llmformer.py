@@ -9,7 +9,8 @@
 Weights are random; the batch is random images with random priors (the demo's padding:
 6 objects, 24 attributes, 16 relations; published-like: 16 / 64 / 64) and text embeddings
 of K random class names (60 demo, 171 COCO-Stuff); targets: `max_targets` random masks.
-The train step is `fssjax.methods.llmformer.make_train_step` (AdamW, Hungarian matching
+The train step is `fssjax.methods.llmformer.make_train_step` (the config's optimiser from
+`fssjax.optim`, Hungarian matching
 through a host callback, auxiliary losses on every layer); inference is
 `LLMFormer.dense_logits` under `jax.jit`. Each JSON line: benchmark
 ('llmformer_train_step' | 'llmformer_predict'), size, attentions, backend, device kind, batch,
@@ -80,6 +81,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from fssjax import optim  # pylint: disable=import-outside-toplevel
   from fssjax.methods import llmformer as L  # pylint: disable=import-outside-toplevel
   from fssjax.methods.base import partition  # pylint: disable=import-outside-toplevel
   from fssjax.nn import llmformer as nl  # pylint: disable=import-outside-toplevel
@@ -103,7 +105,7 @@ def main(argv):
   batch["class_embeddings"] = method.class_embeddings([f"class {i}" for i in range(k)])
   params, frozen = partition(jax.jit(method.init)(jax.random.PRNGKey(0), batch),
                              method.trainable_patterns())
-  tx = L.make_optimizer(c)
+  tx = optim.make_optimizer(c).tx  # the generic trainer's optimiser (lr profile, peak 1)
   opt = tx.init(params)
   step = L.make_train_step(method, tx)
   key = jax.random.PRNGKey(1)
