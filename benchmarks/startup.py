@@ -2,7 +2,6 @@
 
   python benchmarks/startup.py                       # HSNet and DiffewS demos, cold + warm
   python benchmarks/startup.py --configs configs/hsnet_coco.py:demo --warm_runs=2
-  python benchmarks/startup.py --baseline            # the start-up before 2026-11-30 (A/B)
 
 For each config: one run with a fresh, empty persistent XLA compilation cache (cold), then
 `--warm_runs` runs reusing it (warm). Each run is `fssjax.main` in a child process (this file
@@ -31,16 +30,17 @@ average. On a shared machine wall seconds mostly measure the other jobs: compare
 Measured 2026-11-30 on the shared 2-core machine at load 12-16 (CPU seconds to the first loss;
 wall times were 4-8x the idle ones and are not comparable between runs):
 
-  demo      cache  before (--baseline)  now   where the CPU goes now
-  HSNet     cold   33.4                 34.4  step compile ~24 (XLA kernel code generation),
-                                              imports 4, step trace 3, init 2.6, setup 0.9
-  HSNet     warm   11.0                 11.5  imports 4, step trace 3, init 2.4 (not cached:
-                                              its pure_callback), cache load 1
-  DiffewS   cold   87.8                 76.7  step compile ~47 (6432 fusions, ~1080 kernels),
-                                              init 22 (was 39), step trace 6.5, imports 4.8
-  DiffewS   warm   26.6 (load 9)        28.5  step trace 6.5, executable load ~8, init 5.5
+  demo      cache  before  now   where the CPU goes now
+  HSNet     cold   33.4    34.4  step compile ~24 (XLA kernel code generation),
+                                 imports 4, step trace 3, init 2.6, setup 0.9
+  HSNet     warm   11.0    11.5  imports 4, step trace 3, init 2.4 (not cached:
+                                 its pure_callback), cache load 1
+  DiffewS   cold   87.8    76.7  step compile ~47 (6432 fusions, ~1080 kernels),
+                                 init 22 (was 39), step trace 6.5, imports 4.8
+  DiffewS   warm   26.6    28.5  step trace 6.5, executable load ~8, init 5.5
 
-Before: the init compiled at XLA's default -O2 and the step traced in the background thread
+Before (a monkeypatched copy of the old start-up, used once for this table and not kept):
+the init compiled at XLA's default -O2 and the step traced in the background thread
 while the init was traced (both under the GIL). Now: the init at -O1
 (`fssjax.batched_rng.INIT_COMPILER_OPTIONS`, the same values bit for bit) and the step
 lowered first, so that its compilation (the longest part) starts before the init's trace.
@@ -64,7 +64,6 @@ DEFAULT_CONFIGS = ("configs/hsnet_coco.py:demo", "configs/diffews_coco.py:demo")
 _LOSS = re.compile(r"\[1/\d+\] loss ")
 _T0_ENV = "FSSJAX_STARTUP_T0"
 _OUT_ENV = "FSSJAX_STARTUP_OUT"
-_BASELINE_ENV = "FSSJAX_STARTUP_BASELINE"
 
 
 # ----------------------------------------------------------------------------------------
@@ -93,40 +92,6 @@ def _thread_cpu() -> list:
     seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     out.append([names.get(int(tid), name), int(tid), round(seconds, 2)])
   return sorted(out, key=lambda x: -x[2])
-
-
-def _install_baseline(train) -> None:
-  """The start-up before 2026-11-30 (for --baseline): the init compiled with XLA's default
-  options, and the train step traced and lowered in the background thread, at the same time
-  as the init is traced (both under the GIL)."""
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from fssjax import batched_rng  # pylint: disable=g-import-not-at-top
-  from fssjax import sharding as shd  # pylint: disable=g-import-not-at-top
-  batched_rng.init_compiler_options = lambda mesh=None: None
-
-  def init(self, train_step, setup, local_batch):
-    self._step = train_step  # pylint: disable=protected-access
-    mesh = setup.mesh
-    batch = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + tuple(v.shape[1:]),
-                                     v.dtype, sharding=shd.data_sharding(mesh))
-             for k, v in local_batch.items()
-             if isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) > 0}
-    self._signature = self._sig(batch)  # pylint: disable=protected-access
-    lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(mesh))
-
-    def compile_step():
-      with jax.set_mesh(mesh):
-        return train_step.lower(setup.abstract_state, setup.abstract_frozen, batch,
-                                lr).compile()
-
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_step")
-    self._future = pool.submit(compile_step)  # pylint: disable=protected-access
-    pool.shutdown(wait=False)
-
-  train.PrecompiledStep.__init__ = init
 
 
 def _child(argv: Sequence[str]) -> None:
@@ -193,8 +158,6 @@ def _child(argv: Sequence[str]) -> None:
   span(train, "build_setup", "setup")
   span(train, "init_state", "init", block=True)
 
-  if os.environ.get(_BASELINE_ENV):
-    _install_baseline(train)
   original_init = train.PrecompiledStep.__init__
   original_call = train.PrecompiledStep.__call__
 
@@ -256,16 +219,13 @@ def _dir_size(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def run_once(config: str, cache: str, timeout: float, overrides: Sequence[str] = (),
-             baseline: bool = False) -> dict:
+def run_once(config: str, cache: str, timeout: float, overrides: Sequence[str] = ()) -> dict:
   """One instrumented child run; returns its record (see the module docstring)."""
   with tempfile.TemporaryDirectory(prefix="fssjax_startup_") as tmp:
     out = os.path.join(tmp, "record.json")
     workdir = os.path.join(tmp, "run")
     env = dict(os.environ)
     env.update({_OUT_ENV: out, "FSSJAX_COMPILATION_CACHE": cache})
-    if baseline:
-      env[_BASELINE_ENV] = "1"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", f"--config={config}",
            f"--workdir={workdir}", "--config.train.log_every=1"] + list(overrides)
     load = list(os.getloadavg())
@@ -311,8 +271,6 @@ def summarise(record: dict) -> dict:
 
 
 def _print_table(config: str, state: str, s: dict) -> None:
-  if s.get("baseline"):
-    state += ", baseline"
   print(f"\n{config} [{state}]: first loss {s['first_loss_wall']:.1f} s wall, "
         f"{s['first_loss_cpu']:.1f} s CPU (+ {s['children_cpu']} s in finished child "
         f"processes); load {s['load_avg_start']} -> {s['load_avg']}")
@@ -336,8 +294,6 @@ def main(argv: Sequence[str]) -> None:
   parser.add_argument("--cache_dir", default="", help="default: a fresh temporary directory")
   parser.add_argument("--timeout", type=float, default=1800)
   parser.add_argument("--json", default="", help="append one JSON line per run to this file")
-  parser.add_argument("--baseline", action="store_true",
-                      help="time the start-up as it was before 2026-11-30 (A/B comparison)")
   parser.add_argument("--raw", action="store_true", help="--json lines carry the raw record "
                       "(every jax.monitoring event with its thread and time)")
   parser.add_argument("--override", action="append", default=[],
@@ -358,9 +314,9 @@ def _runs(args, config: str, cache: str) -> None:
   for i, state in enumerate(states):
     if state == "cold" and os.listdir(cache):
       raise SystemExit(f"--cache_dir {cache} is not empty: a cold run needs an empty one")
-    record = run_once(config, cache, args.timeout, args.override, args.baseline)
+    record = run_once(config, cache, args.timeout, args.override)
     s = summarise(record)
-    s.update(benchmark="startup", config=config, run=i, cache=state, baseline=args.baseline,
+    s.update(benchmark="startup", config=config, run=i, cache=state,
              cache_bytes=_dir_size(cache))
     if args.raw:
       s["raw"] = record
