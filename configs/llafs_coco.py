@@ -115,6 +115,7 @@ def llafs_model(c, a):
   m.qformer = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                    intermediate_size=3072, cross_attention_frequency=2)
   m.num_query_tokens = 32
+  m.visual_layout = "block"  # the visual tokens as one span per image (the paper)
   m.position_channels = 32
   m.query_prior = "none"
   m.conversation = "llama2"
@@ -176,9 +177,9 @@ def get_config(arg=None):
 
 def demo(c, a):
   """The CPU demo (see the module docstring)."""
-  steps = a["steps"] or 120
-  common.demo(c, root=a["root"], image_size=128, steps=steps, default_steps=120,
-              batch=a["batch"] or 4, lr=1e-3, warmup=12, log_every=10,
+  steps = a["steps"] or 100
+  common.demo(c, root=a["root"], image_size=128, steps=steps, default_steps=100,
+              batch=a["batch"] or 4, lr=1e-3, warmup=10, log_every=10,
               checkpoint_every=50, eval_batch=50, test_episodes=300)
   c.train.precision = "float32"
   c.optimizer.b2 = 0.95
@@ -203,7 +204,8 @@ def demo(c, a):
   m.grid = 10 if a["grid"] < 0 else int(a["grid"])
   m.max_objects = 1 if a["max_objects"] < 0 else int(a["max_objects"])
   m.instruction = "compact"
-  m.max_prompt_tokens = 76
+  m.visual_layout = "polygon"
+  m.max_prompt_tokens = 140
   m.max_answer_tokens = 36
   m.max_new_tokens = 36
   m.refine_width = 16

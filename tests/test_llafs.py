@@ -292,3 +292,40 @@ def test_locate_settings_are_checked():
   bad_q = tiny_config(num_query_tokens=4, locate_weight=1.0)
   with pytest.raises(base.ConfigError, match="2 x num_points = 12"):
     get_method(bad_q).check_locate()
+
+
+def test_polygon_layout_makes_the_answer_a_copy_of_the_template():
+  # visual_layout='polygon' (ours): an image's 2P visual tokens stand in the digits of a
+  # one-object answer polygon, so that the answer is the template with each slot read as a
+  # digit. Tokenised with the real SmolLM2 tokenizer (one token per digit).
+  method = get_method(tiny_config(visual_layout="polygon", num_query_tokens=12,
+                                  max_prompt_tokens=96))
+  codec = method.codec
+  t_ids, slots = codec.polygon_template()
+  assert sorted(j for j in slots if j >= 0) == list(range(12))
+  batch = make_batch()
+  sm = np.asarray(batch["support_masks"][0, 0])
+  enc = codec.episode([sm], np.asarray(batch["query_mask"][0]), 0)
+  ids, vis = enc.ids[:codec.tp], enc.visual[:codec.tp]
+  # Support 0's slots (indices 0..11) then the query's (12..23), in coordinate order.
+  np.testing.assert_array_equal(vis[vis >= 0], np.arange(24))
+  # The support template followed by the support's polygon text: replacing each support
+  # slot by the digit of its coordinate gives exactly the polygon text's tokens.
+  support_text, g = codec.polygons(sm)
+  digits = np.asarray(g[0]).reshape(-1)  # x1, y1, ..., x6, y6
+  start = int(np.nonzero(vis == 0)[0][0]) - 1  # the template's first token: '((('
+  span = list(ids[start:start + len(t_ids)])
+  filled = [codec.encode(str(digits[j]))[0] if j >= 0 else t for t, j in zip(span, slots)]
+  assert filled == codec.encode(support_text)
+  assert list(ids[start + len(t_ids):start + 2 * len(t_ids)]) == codec.encode(support_text)
+  # The answer has the same token layout as the query's template.
+  answer = enc.ids[codec.tp:codec.tp + len(t_ids)]
+  q0 = int(np.nonzero(vis == 12)[0][0]) - 1
+  assert [a for a, j in zip(answer, slots) if j < 0] == \
+      [t for t, j in zip(ids[q0:q0 + len(t_ids)], slots) if j < 0]
+  # It needs one token per coordinate.
+  with pytest.raises(base.ConfigError, match="num_query_tokens = 2 x num_points"):
+    get_method(tiny_config(visual_layout="polygon", num_query_tokens=4)).codec  # pylint: disable=expression-not-assigned
+  with pytest.raises(base.ConfigError, match="visual_layout"):
+    get_method(tiny_config(visual_layout="grid")).codec  # pylint: disable=expression-not-assigned
+
