@@ -205,6 +205,7 @@ def demo(c, a):
   m.max_objects = 1 if a["max_objects"] < 0 else int(a["max_objects"])
   m.instruction = "compact"
   m.visual_layout = "polygon"
+  m.snap_tokens = True
   m.max_prompt_tokens = 140
   m.max_answer_tokens = 36
   m.max_new_tokens = 36
@@ -216,7 +217,8 @@ def demo(c, a):
         align=dict(steps=a["align_steps"] or 5, batch=4, lr=2e-3, log_every=5),
         locate=dict(steps=a["locate_steps"] or 600, batch=8, lr=3e-3, log_every=50,
                     refine_batch=2),
-        curriculum=dict(steps=a["curriculum_steps"] or 10, batch=4, lr=1e-3, log_every=5))
+        curriculum=dict(steps=a["curriculum_steps"] or 10, batch=4, lr=1e-3, log_every=5,
+                        frozen=("params/backbone",)))
   m.locate_weight = 1.0
   c.evals = dict(fewshot=dict(type="episodic", every=-1, prefix="eval"),
                  polygons=dict(type="episodic", every=-1, prefix="eval_coarse",

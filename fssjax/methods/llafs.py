@@ -167,6 +167,7 @@ _DEFAULTS = dict(
     qformer_weights="",
     num_query_tokens=32,
     visual_layout="block",  # 'block' (the paper) | 'polygon' (ours; see the docstring)
+    snap_tokens=False,  # visual tokens -> the nearest digit embedding (straight-through)
     position_channels=32,
     position_linear=False,  # two more channels: x, y in [-1, 1]
     query_prior="none",
@@ -809,7 +810,23 @@ class LLaFS(Method):
     s_tok = tokens[:b * k].reshape(b, k * q, -1)
     return jnp.concatenate([s_tok, tokens[b * k:]], 1), q_region
 
+  def snap(self, llm_params, visual: jax.Array) -> jax.Array:
+    """`model.snap_tokens`: each visual token [..., D] replaced by the LLM's input embedding
+    of its nearest digit 0 .. grid-1 (squared distance, as `locate_terms`), with the
+    straight-through gradient (the identity; van den Oord et al., VQ-VAE, 2017). The LLM
+    then reads every visual token as exactly one digit of its vocabulary."""
+    self.check_locate()
+    e = jnp.take(llm_params["model"]["embed_tokens"]["embedding"],
+                 jnp.asarray(self.digit_ids()), axis=0).astype(jnp.float32)
+    e = jax.lax.stop_gradient(e)
+    x = visual.astype(jnp.float32)
+    dist = jnp.sum(x * x, -1, keepdims=True) - 2 * x @ e.T + jnp.sum(e * e, -1)
+    hard = jnp.take(e, jnp.argmin(dist, -1), axis=0)
+    return x + jax.lax.stop_gradient(hard - x)
+
   def _embed(self, llm_params, ids: jax.Array, visual_index: jax.Array, visual: jax.Array):
+    if self.opts["snap_tokens"]:
+      visual = self.snap(llm_params, visual)
     emb = self.llm.apply({"params": llm_params}, ids, method=self.llm.embed).astype(jnp.float32)
     idx = jnp.clip(visual_index, 0, visual.shape[1] - 1)
     vis = jnp.take_along_axis(visual, idx[..., None], axis=1)
@@ -1229,7 +1246,7 @@ def _init_llm(shapes: PyTree, rng: jax.Array) -> PyTree:
 STAGE_FROZEN_PARTS = {"align": ("params/llm", "params/refine"), "locate": ("params/llm",),
                       "curriculum": ()}
 STAGE_ORDER = ("align", "locate", "curriculum")
-STAGE_KEYS = {"steps", "batch", "lr", "log_every", "data", "refine_batch"}
+STAGE_KEYS = {"steps", "batch", "lr", "log_every", "data", "refine_batch", "frozen"}
 LOCATE_DATA = ("episodes", "pseudo")
 
 
@@ -1374,7 +1391,7 @@ def train_stage(method: LLaFS, name: str, spec: Mapping[str, Any], params: PyTre
   steps, bsz = int(spec["steps"]), int(spec.get("batch", 4))
   lr, log_every = float(spec.get("lr", 1e-3)), int(spec.get("log_every", 10))
   seed = int(method.config.seed) + 17 * {"align": 1, "curriculum": 2, "locate": 3}[name]
-  skip = STAGE_FROZEN_PARTS[name]
+  skip = tuple(STAGE_FROZEN_PARTS[name]) + tuple(spec.get("frozen", ()))
   patterns = [p for p in method.trainable_patterns() if not p.startswith(skip)] if skip else None
   if patterns == []:  # pylint: disable=g-explicit-bool-comparison
     logging.warning("LLaFS stage %s: nothing to train (config.model.trainable has no pattern "
