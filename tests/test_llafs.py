@@ -552,6 +552,9 @@ def test_attribute_and_table_settings_are_checked(tmp_path):
     get_method(table_config("synthetic", region_tokens=3))
   with pytest.raises(base.ConfigError, match="shared_with='fold'"):
     get_method(table_config("synthetic", shared_with="fold"))
+  with pytest.raises(base.ConfigError, match="config.model.attribute_llm: .*unknown keys"):
+    get_method(tiny_config(instruction="full", attributes="llm",
+                           attribute_llm=dict(bogus=1))).attribute_source()
   # A CLIP vision tower alone is not a CLIPModel.
   vision_only = str(REPO / "tests" / "fixtures" / "llava" / "clip")
   with pytest.raises(base.ConfigError, match="config.model.clip=.*CLIPModel config"):
