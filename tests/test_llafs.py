@@ -452,7 +452,7 @@ def test_region_table_rows_follow_the_clip_similarity(table_setup):
     sim = ins.embedding_similarity(image_encoder, text_encoder, size=config.vision.image_size)
     ref = sim(img, np.stack([want == r for r in ids]), distinct)
     got = sims[i, 0][np.asarray(ids) - 1][:, :len(distinct)]
-    np.testing.assert_allclose(got, ref, atol=0.05)
+    np.testing.assert_allclose(got, ref, atol=0.01)  # measured: 1.4e-3
     # The table in the prompt: each distinguishing attribute on its argmax region (the
     # method's similarities), the shared one left out.
     enc = method._host_layout(np.asarray(batch["support_masks"]),

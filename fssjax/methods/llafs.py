@@ -9,11 +9,12 @@ Per episode:
     `fssjax.nn.qformer`, transformers `Blip2QFormerModel` names) turns it into
     `num_query_tokens` visual tokens and a linear layer (`language_projection`) maps them
     into the LLM's embedding space;
-  * the instruction (`fssjax.priors.instruction`; 'full': the paper's task part, the class
-    attributes, every support as a worked example with its ground-truth polygons, then the
+  * the instruction (`fssjax.priors.instruction`; 'full': the paper's task part, "[class] has
+    [attributes]" (`model.attributes`), every support as a worked example with its
+    ground-truth polygons and (`model.region_table`) its region-attribute table, then the
     query; 'compact': only the worked examples and the query, for CPU token budgets) is
-    tokenised with the visual tokens spliced at its `<support_image>` / `<query_image>`
-    placeholders, in the LLM's chat format;
+    tokenised with the visual tokens spliced at its `<support_image>` / `<query_image>` /
+    `<region>` placeholders, in the LLM's chat format;
   * the LLM (LLaMA family, `fssjax.nn.llama`, under LoRA on `lora_targets`) writes the query
     mask as 16-point clockwise polygons `((x1,y1),...,(x16,y16))` (`fssjax.priors.polygons`);
   * the polygons are parsed robustly (malformed / truncated / out-of-range answers are
@@ -37,6 +38,43 @@ Host work inside the jitted functions. Polygons and token ids depend on the mask
 are made on the host inside the traced `loss` / `predict` with `jax.pure_callback`
 (`io_callback` for the counting parse): masks -> polygons -> text -> token ids with
 positions of the visual tokens; generated ids -> text -> parse -> coarse masks.
+
+Attributes and the region-attribute table (the paper's fine-grained in-context instruction):
+  * `model.attributes`: '' (none), 'synthetic' (the embedded benchmark's exact shape,
+    texture, colour and size fields, `SyntheticAttributes`), 'llm' (`LLMAttributes`: the
+    priors LLM client of `model.attribute_llm`, default the local SmolLM2, at most
+    `max_attributes` per class, every answer cached by the client) or a JSON file {class name:
+    [attribute, ...]} (classes it lacks get none, with a warning). Every class of the data
+    set is looked up once, when the codec is built. The 'full' instruction then says
+    "[Class] has a; b; c." with every attribute (shared ones too);
+  * `model.region_table` (needs 'full', attributes and `model.clip`, a transformers CLIPModel
+    directory, `fssjax.weights.clip`), inside the jitted loss / predict:
+      1. host (`pure_callback`): SLIC superpixels of each support's foreground on the
+         un-normalised image (`instruction.superpixels`, n_segments = `region_segments` = R,
+         at most R regions kept, the largest) -> labels [B, K, H, W];
+      2. graph: one masked square crop per superpixel (`masked_crop`, the JAX twin of
+         `instruction.masked_crops`: outside the region the image's mean colour; crops agree
+         with PIL's to 1.4e-3 in cosine on the tests' fixture) -> the CLIP image tower and
+         `visual_projection` (frozen, `params/clip`, loaded by `load_pretrained`) -> cosine to
+         the class's attribute text embeddings (`attribute_embeddings`: CLIP's text tower and
+         `text_projection`, computed once, eagerly, for every class of the data set, a
+         constant [C, A, P] of the graph) -> similarities [B, K, R, A] (no gradient);
+      3. host (the layout callback): `instruction.table_from_scores` on the regions present
+         (each attribute to its argmax region) -> the table text, one row per region with an
+         attribute, `region r <region>: a; b`, under each worked example;
+      4. region tokens (ours): the Q-Former on the support's features with the region channel
+         = that superpixel's mask (area-resized to the feature map), its Q tokens averaged in
+         `region_tokens` groups of Q / n consecutive tokens; n tokens per `<region>`, visual
+         index (K + 1) Q + (k R + r - 1) n + i (after the images' tokens). Regions not in the
+         table are computed and unused.
+    Attributes shared with other classes are removed before matching (`shared_with`:
+    'dataset', every other class of the data set's class list (`remove_shared`: exact match
+    after normalising case, spacing and punctuation), or 'none'). The episode's other
+    annotated classes would be closer to "other classes" but batches carry only the binary
+    masks. With 'synthetic' attributes and 'dataset' nothing is left: every shape, texture,
+    colour and size of the embedded benchmark is shared by some other class (a warning
+    says how many classes keep nothing). Stage batches (captions, pseudo-samples) have no
+    class and no table.
 
 Sequence layout: prompts are left-padded to `max_prompt_tokens` and the answer (training)
 follows at a fixed offset, right-padded to `max_answer_tokens`, so the logits are computed
@@ -106,12 +144,19 @@ Choices where the paper is silent (ours):
   * the refinement network's coarse input in training (the teacher-forced argmax answer);
   * K shots: 'joint' (all K worked examples in one instruction, as the paper's in-context
     part); the stage (a) prompt is the image tokens then the caption; stage (b) prompts give
-    the first m vertices as text after the query (`GIVEN_TEMPLATE`).
+    the first m vertices as text after the query (`GIVEN_TEMPLATE`);
+  * the region-attribute table (above): SLIC with R = 8 segments by default; CLIP cosine
+    of masked square crops; every attribute placed (no similarity threshold); shared
+    attributes removed against the data set's other classes; region tokens from the
+    Q-Former with the superpixel as its region channel, pooled to 4 tokens per region by
+    default; the sentence keeps every attribute.
 
 Weights: `model.llm` (a transformers LLaMA directory such as CodeLLaMA-7B, a GGUF file, or
 'smollm2' for the offline SmolLM2-135M-Instruct) or random from `model.llm_config`;
 `model.backbone_weights` (torchvision ResNet-50 state dict as safetensors) or random. The
 Q-Former starts from `model.qformer_weights` (a BLIP-2 checkpoint, `load_qformer`) or random.
+`model.clip` (region table): a transformers CLIPModel directory (safetensors, its tokenizer's
+vocab.json and merges.txt).
 """
 
 from __future__ import annotations
