@@ -349,7 +349,8 @@ def _attribute_file(tmp_path_factory):
 def table_config(attributes, **model):
   return tiny_config(**dict(dict(instruction="full", attributes=attributes, region_table=True,
                                  clip=CLIP_DIR, class_names=tuple(ATTRS),
-                                 max_prompt_tokens=240, region_segments=4, region_tokens=2),
+                                 max_prompt_tokens=240, max_new_tokens=8, region_segments=4,
+                                 region_tokens=2),
                             **model))
 
 
@@ -380,10 +381,8 @@ def table_setup(tmp_path_factory):
   return method, batch, params, frozen, regions
 
 
-def test_full_instruction_has_the_attribute_sentence(tmp_path_factory):
-  path = _attribute_file(tmp_path_factory)
-  method = get_method(tiny_config(instruction="full", attributes=path,
-                                  class_names=tuple(ATTRS), max_prompt_tokens=240))
+def test_full_instruction_has_the_attribute_sentence(table_setup):
+  method = table_setup[0]  # a JSON attribute file; no table without similarities
   sm = np.asarray(make_batch()["support_masks"][0, 0])
   text = "".join(p for p in method.codec.episode_parts([sm], 1) if isinstance(p, str))
   assert "Blue disk has blue colour; round; a cat.\n" in text  # every attribute, shared too

@@ -1134,13 +1134,19 @@ class LLaFS(Method):
       if texts:
         ids, mask = wc.tokenize(wc.load_clip_tokenizer(str(self.opts["clip"])), texts, config)
         model = nc.CLIPModel(config)
+        fn = jax.jit(lambda p, i, m: nc.normalise(model.apply(
+            {"params": p}, i, m, method=model.get_text_features)))
+        text_params = {k: params[k] for k in ("text_model", "text_projection", "logit_scale")}
+        chunk = min(256, len(texts))  # one compiled shape: the last chunk is padded
+        pad = -len(texts) % chunk
+        ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
         emb = []
-        with jax.ensure_compile_time_eval():
-          for i in range(0, len(texts), 256):
-            e = model.apply({"params": params}, ids[i:i + 256], mask[i:i + 256],
-                            method=model.get_text_features)
-            emb.append(np.asarray(nc.normalise(e), np.float32))
-        emb = np.concatenate(emb)
+        with jax.ensure_compile_time_eval():  # concrete values also inside a trace
+          for i in range(0, len(ids), chunk):
+            emb.append(np.asarray(fn(text_params, ids[i:i + chunk], mask[i:i + chunk]),
+                                  np.float32))
+        emb = np.concatenate(emb)[:len(texts)]
         j = 0
         for c, d in enumerate(distinct):
           table[c, :len(d)] = emb[j:j + len(d)]
