@@ -1185,9 +1185,11 @@ class LLaFS(Method):
     from fssjax.nn import clip_vision as cv  # pylint: disable=import-outside-toplevel
     config = self.clip_model()[0]
     size = config.vision.image_size
-    img = (si * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255.0
-    img = jnp.broadcast_to(img[:, :, None], (b, k, r, h, w, 3)).reshape(-1, h, w, 3)
-    crops = jax.vmap(functools.partial(masked_crop, size=size))(img, masks.reshape(-1, h, w))
+    img = ((si * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255.0).reshape(
+        b * k, h, w, 3)
+    crop = functools.partial(masked_crop, size=size)
+    crops = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(img, masks.reshape(b * k, r, h, w))
+    crops = crops.reshape(b * k * r, size, size, 3)
     pix = (crops / 255.0 - jnp.asarray(cv.CLIP_MEAN)) / jnp.asarray(cv.CLIP_STD)
     cp = v["params"]["clip"]
     pooled = cv.CLIPVisionModel(config.vision, dtype=self.dtype).apply(
