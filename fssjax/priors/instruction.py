@@ -32,10 +32,12 @@ Region-attribute table (`region_attribute_table`), choices where the paper is si
     `region k <region>: attribute; attribute`.
   * attributes shared with other classes are removed before matching (`remove_shared`: a
     case-, space- and punctuation-insensitive exact match against the other classes' lists);
-    which classes count as "other" is the caller's choice (the method passes the other
-    classes annotated in the episode's images; with all 80 classes of the embedded benchmark
-    every shape and texture is shared with someone). The "[class] has [attributes]" sentence
-    keeps every attribute.
+    which classes count as "other" is the caller's choice (`fssjax.methods.llafs`: every
+    other class of the data set, `model.shared_with='dataset'`, or none; with all 80 classes
+    of the embedded benchmark every shape, texture, colour and size is shared with someone).
+    The "[class] has [attributes]" sentence keeps every attribute.
+  * `table_from_scores(scores, attributes, region_ids)` applies the matching rule to
+    precomputed scores (the method computes them in its jitted graph).
 
 Attribute sources (pluggable: anything with `attributes(class_name) -> list[str]`):
   SyntheticAttributes   the embedded benchmark's exact descriptions (shape, texture, colours,
