@@ -81,6 +81,8 @@ DEFAULTS = dict(
     tokenizer="",
     backbone="",
     qformer="",
+    attributes="",  # '' | 'synthetic' | 'llm' | a JSON file {class name: [attribute, ...]}
+    clip="",  # a transformers CLIPModel directory: turns the region-attribute table on
     allow_pickle=False,
     grid=-1,  # -1: the setting's default (pixels; the demo's 10)
     points=0,  # 0: the setting's default (16, the paper; the demo's 8)
@@ -103,7 +105,13 @@ CODELLAMA_7B = dict(vocab_size=32016, hidden_size=4096, intermediate_size=11008,
 
 
 def llafs_model(c, a):
-  """The paper's model block from parsed arguments (shared with configs/llafs_pascal.py)."""
+  """The paper's model block from parsed arguments (shared with configs/llafs_pascal.py).
+
+  `attributes` ('' | 'synthetic' | 'llm' | a JSON file {class name: [attribute, ...]}) gives
+  the instruction's "[class] has [attributes]"; `clip` (a transformers CLIPModel directory,
+  e.g. openai/clip-vit-base-patch32) turns the region-attribute table on (it needs
+  `attributes`); a missing directory is named by the preflight (`missing_inputs`).
+  """
   m = c.model
   m.llm = a["llm"]
   m.tokenizer = a["tokenizer"]
@@ -125,6 +133,13 @@ def llafs_model(c, a):
   m.grid = 0 if a["grid"] < 0 else int(a["grid"])
   m.max_objects = 0 if a["max_objects"] < 0 else int(a["max_objects"])
   m.instruction = "full"
+  # "[class] has [attributes]" and, with a CLIP model, the region-attribute table per support
+  # (SLIC superpixels of the support foreground, up to 8; 4 visual tokens per region).
+  m.attributes = a["attributes"]
+  m.clip = a["clip"]
+  m.region_table = bool(a["clip"])
+  m.region_segments = 8
+  m.region_tokens = 4
   m.max_prompt_tokens = 1536
   m.max_answer_tokens = 512
   m.max_new_tokens = 512

@@ -243,3 +243,26 @@ def test_split_expand_and_splice():
     splice(emb, slots, [np.ones((2, 4))] + visual[1:])
   with pytest.raises(ValueError, match="3 slots"):
     splice(emb, slots, visual[:2])
+
+
+def test_table_from_scores_and_max_regions():
+  from fssjax.priors.instruction import table_from_scores
+  scores = np.array([[0.1, 0.9, 0.5], [0.8, 0.2, 0.5]])  # regions 3 and 7
+  rows = table_from_scores(scores, ["a", "b", "c"], [3, 7])
+  assert [(r.region, r.attributes) for r in rows] == [(3, ["b", "c"]), (7, ["a"])]  # tie: 3
+  assert rows[0].mask is None and rows[0].scores == [0.9, 0.5]
+  assert [r.attributes for r in table_from_scores(scores, ["a", "b", "c"], [3, 7],
+                                                  min_similarity=0.6)] == [["b"], ["a"]]
+  assert table_from_scores(np.zeros((0, 2)), ["a", "b"], []) == []
+  with pytest.raises(ValueError, match="expected"):
+    table_from_scores(scores, ["a", "b"], [3, 7])
+  img, mask = _two_colour_object()
+  full = superpixels(img, mask, n_segments=8)
+  assert full.max() > 2
+  two = superpixels(img, mask, n_segments=8, max_regions=2)
+  assert two.max() == 2 and set(np.unique(two)) == {0, 1, 2}
+  # The two largest superpixels are kept, in their original order.
+  sizes = sorted(((full == r).sum(), -r) for r in range(1, full.max() + 1))[::-1][:2]
+  kept = sorted(-r for _, r in sizes)
+  for new, old in enumerate(kept, 1):
+    np.testing.assert_array_equal(two == new, full == old)

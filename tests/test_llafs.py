@@ -7,6 +7,7 @@ method and its jitted functions are built once per module (compilation dominates
 """
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -329,3 +330,249 @@ def test_polygon_layout_makes_the_answer_a_copy_of_the_template():
   with pytest.raises(base.ConfigError, match="visual_layout"):
     get_method(tiny_config(visual_layout="grid")).codec  # pylint: disable=expression-not-assigned
 
+
+
+# ----------------------------------------------------------------------------------------
+# Attributes and the region-attribute table ('full' instruction).
+
+CLIP_DIR = str(REPO / "tests" / "fixtures" / "clip" / "tiny")
+ATTRS = {"red star": ["red colour", "five points", "a cat"],
+         "blue disk": ["blue colour", "round", "a cat"]}  # "a cat" is shared
+
+
+def _attribute_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("attrs") / "attributes.json"
+  path.write_text(json.dumps(ATTRS))
+  return str(path)
+
+
+def table_config(attributes, **model):
+  return tiny_config(**dict(dict(instruction="full", attributes=attributes, region_table=True,
+                                 clip=CLIP_DIR, class_names=tuple(ATTRS),
+                                 max_prompt_tokens=240, max_new_tokens=8, region_segments=4,
+                                 region_tokens=2),
+                            **model))
+
+
+def two_colour_batch(b=2):
+  """Support: a disk, left half red and right half blue, on grey (SLIC splits it at the
+  colour edge); query as make_batch's."""
+  from fssjax.data import transforms
+  base_b = make_batch(b=b)
+  yy, xx = np.mgrid[:S, :S]
+  disk = (yy - 16) ** 2 + (xx - 16) ** 2 < 120
+  img = np.full((S, S, 3), 128, np.uint8)
+  img[disk & (xx < 16)] = (220, 30, 30)
+  img[disk & (xx >= 16)] = (30, 30, 220)
+  s = np.stack([transforms.normalize(np.roll(img, i, 1), "imagenet") for i in range(b)])
+  sm = np.stack([np.roll(disk, i, 1) for i in range(b)]).astype(np.uint8)
+  return dict(base_b, support_images=jnp.asarray(s[:, None]),
+              support_masks=jnp.asarray(sm[:, None]),
+              class_id=jnp.asarray(np.arange(b) % 2, jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def table_setup(tmp_path_factory):
+  method = get_method(table_config(_attribute_file(tmp_path_factory)))
+  batch = two_colour_batch()
+  params, frozen = base.initialize(method, jax.random.PRNGKey(0), batch)
+  v = base.merge(params, frozen)
+  regions = jax.jit(method.region_inputs)(v, batch)  # labels, sims, present
+  return method, batch, params, frozen, regions
+
+
+def test_full_instruction_has_the_attribute_sentence(table_setup):
+  method = table_setup[0]  # a JSON attribute file; no table without similarities
+  sm = np.asarray(make_batch()["support_masks"][0, 0])
+  text = "".join(p for p in method.codec.episode_parts([sm], 1) if isinstance(p, str))
+  assert "Blue disk has blue colour; round; a cat.\n" in text  # every attribute, shared too
+  assert "red colour" not in text and "Region-attribute table" not in text
+  no_class = "".join(p for p in method.codec.episode_parts([sm], -1) if isinstance(p, str))
+  assert " has " not in no_class
+  # The embedded benchmark's exact descriptions.
+  synth = get_method(tiny_config(instruction="full", attributes="synthetic",
+                                 max_prompt_tokens=240))
+  from fssjax.data import synthetic
+  cat = synthetic.categories()[3]
+  text = "".join(p for p in synth.codec.episode_parts([sm], 3) if isinstance(p, str))
+  sentence = [line for line in text.split("\n") if " has " in line]
+  assert len(sentence) == 1 and sentence[0].startswith(cat.name[:1].upper() + cat.name[1:]
+                                                         + " has the shape of")
+  for colour in cat.colours:
+    assert f"; {colour} colour;" in sentence[0]
+  assert sentence[0].endswith(f"; a {cat.size} size.")
+
+
+def _table_rows(text):
+  rows = {}
+  for line in text.split("\n"):
+    if line.startswith("region "):
+      head, attrs = line.split(": ", 1)
+      rows[int(head.split()[1])] = attrs.split("; ")
+  return rows
+
+
+def test_region_table_rows_follow_the_clip_similarity(table_setup):
+  from fssjax.data import transforms
+  from fssjax.nn import clip as nc
+  from fssjax.nn import clip_vision as cv
+  from fssjax.priors import instruction as ins
+  from fssjax.weights import clip as wc
+  method, batch, _, _, regions = table_setup
+  labels, sims, present = map(np.asarray, regions)
+  config, cparams = wc.load_clip_model(CLIP_DIR)
+  model = nc.CLIPModel(config)
+  for i in range(2):
+    cls = int(batch["class_id"][i])
+    distinct = [a for a in ATTRS[list(ATTRS)[cls]] if a != "a cat"]
+    # Superpixels: SLIC on the un-normalised support image, split at the colour edge.
+    img = np.clip(np.rint((np.asarray(batch["support_images"][i, 0]) * transforms.IMAGENET_STD
+                           + transforms.IMAGENET_MEAN) * 255), 0, 255).astype(np.uint8)
+    want = ins.superpixels(img, np.asarray(batch["support_masks"][i, 0]), n_segments=4,
+                           max_regions=4)
+    np.testing.assert_array_equal(labels[i, 0], want)
+    ids = [r for r in range(1, 5) if (want == r).any()]
+    assert len(ids) >= 2 and present[i, 0].tolist() == [r in ids for r in range(1, 5)]
+    # The similarity, independently: PIL crops (instruction.masked_crops) through the Flax
+    # CLIP towers and projections, cosine to the attribute texts.
+    tok = wc.load_clip_tokenizer(CLIP_DIR)
+    image_features = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                      method=model.get_image_features))
+    text_features = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m,
+                                                        method=model.get_text_features))
+
+    def image_encoder(crops):
+      x = (crops / 255.0 - np.asarray(cv.CLIP_MEAN)) / np.asarray(cv.CLIP_STD)
+      return np.asarray(image_features(cparams, x.astype(np.float32)))
+
+    def text_encoder(texts):
+      return np.asarray(text_features(cparams, *wc.tokenize(tok, texts, config)))
+
+    sim = ins.embedding_similarity(image_encoder, text_encoder, size=config.vision.image_size)
+    ref = sim(img, np.stack([want == r for r in ids]), distinct)
+    got = sims[i, 0][np.asarray(ids) - 1][:, :len(distinct)]
+    np.testing.assert_allclose(got, ref, atol=0.01)  # measured: 1.4e-3
+    # The table in the prompt: each distinguishing attribute on its argmax region (the
+    # method's similarities), the shared one left out.
+    enc = method._host_layout(np.asarray(batch["support_masks"]),
+                              np.asarray(batch["query_mask"]),
+                              np.asarray(batch["class_id"]), sims, present)
+    text = method.codec.answer_text(enc[0][i][enc[3][i] > 0])
+    expect = {}
+    for a, attr in enumerate(distinct):
+      expect.setdefault(ids[int(np.argmax(got[:, a]))], []).append(attr)
+      if np.sort(ref[:, a])[-1] - np.sort(ref[:, a])[-2] > 0.1:  # clear winner: the same
+        assert ids[int(np.argmax(ref[:, a]))] in expect and attr in expect[
+            ids[int(np.argmax(ref[:, a]))]]
+    assert _table_rows(text) == expect
+    assert "a cat" in text.split("Region-attribute table")[0]  # the sentence keeps it
+    assert "a cat" not in text.split("Region-attribute table")[1]
+
+
+def test_region_tokens_are_spliced_at_the_region_placeholders(table_setup):
+  method, batch, params, frozen, (labels, sims, present) = table_setup
+  v = base.merge(params, frozen)
+  codec = method.codec
+  q, r, n = 4, 4, 2
+  ids, vis, _, mask, _ = method._host_layout(
+      np.asarray(batch["support_masks"]), np.asarray(batch["query_mask"]),
+      np.asarray(batch["class_id"]), np.asarray(sims), np.asarray(present))
+
+  @jax.jit
+  def spliced(v, ids, vis):
+    visual = method.visual_tokens(v, batch["query_image"], batch["support_images"],
+                                  batch["support_masks"], labels)
+    emb = method._embed(v["params"]["llm"], ids, vis, visual)
+    # Independently: the Q-Former with the region channel = superpixel reg, per region.
+    feats = method._features(v, batch["support_images"][:, 0])
+    masks = (labels[:, 0, None] == jnp.arange(1, r + 1)[:, None, None]).astype(jnp.float32)
+    chan = llafs._area_resize(masks.reshape((2 * r,) + masks.shape[2:]), feats.shape[1:3])
+    tok = method._tokens(v, jnp.repeat(feats, r, axis=0), chan)
+    return visual.shape[1], emb, tok.reshape(2, r, n, q // n, -1).mean(3)
+
+  width, emb, want = spliced(v, jnp.asarray(ids), jnp.asarray(vis))
+  assert width == 2 * q + 1 * r * n  # support, query, then K R n region tokens
+  for i in range(2):
+    text = codec.answer_text(ids[i][mask[i] > 0])
+    rows = _table_rows(text)
+    assert rows
+    region_slots = vis[i][vis[i] >= 2 * q]
+    assert len(region_slots) == n * len(rows)
+    for reg in rows:
+      start = 2 * q + (reg - 1) * n  # support 0, region reg: (K + 1) Q + (k R + reg - 1) n
+      pos = np.nonzero(vis[i] == start)[0]
+      assert len(pos) == 1
+      p0 = int(pos[0])
+      np.testing.assert_array_equal(vis[i][p0:p0 + n], np.arange(start, start + n))
+      # The slot stands where the table row has its <region> placeholder.
+      before = codec.answer_text(ids[i][:p0][mask[i][:p0] > 0])
+      after = codec.answer_text(ids[i][p0 + n:][mask[i][p0 + n:] > 0])
+      assert before.endswith(f"region {reg} ") and after.startswith(": ")
+      # Its tokens: the Q-Former with the region channel = that superpixel, pooled in n
+      # groups, written into the LLM's input embeddings.
+      np.testing.assert_allclose(np.asarray(emb[i, p0:p0 + n]), np.asarray(want[i, reg - 1]),
+                                 atol=1e-5)
+    # The image slots are untouched by the regions: support 0 then the query.
+    np.testing.assert_array_equal(vis[i][(vis[i] >= 0) & (vis[i] < 2 * q)], np.arange(2 * q))
+
+
+def test_region_table_loss_and_predict_run_jitted(table_setup):
+  method, batch, params, frozen, _ = table_setup
+  loss, aux = jax.jit(method.loss)(params, frozen, batch, jax.random.PRNGKey(0))
+  assert np.isfinite(float(loss)) and float(aux["ce"]) > 0
+  assert int(aux["llafs/truncated_prompts"]) == 0
+  # CLIP is frozen and loaded (not the zeros of init).
+  assert not any(k.startswith("params/clip") for k in base.leaf_paths(params))
+  clip = {k: np.asarray(x) for k, x in base.leaf_paths(frozen).items()
+          if k.startswith("params/clip/")}
+  assert "params/clip/visual_projection/kernel" in clip
+  assert all(np.abs(x).max() > 0 for x in clip.values())
+  method.reset_generation_stats()
+  scores = jax.jit(method.predict)(params, frozen, batch)
+  assert scores.shape == (2, S, S) and np.isfinite(np.asarray(scores)).all()
+  assert method.generation_stats()["answers"] == 2
+
+
+def test_attribute_and_table_settings_are_checked(tmp_path):
+  for value in ("nope", str(tmp_path / "missing.json")):
+    with pytest.raises(base.ConfigError, match=r"config.model.attributes=.*expected '' \(none\)"):
+      get_method(tiny_config(instruction="full", attributes=value))
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps(["red colour"]))
+  with pytest.raises(base.ConfigError, match="expected a JSON object"):
+    get_method(tiny_config(instruction="full", attributes=str(bad)))
+  with pytest.raises(base.ConfigError, match="needs config.model.instruction='full'"):
+    get_method(tiny_config(instruction="compact", attributes="synthetic"))
+  with pytest.raises(base.ConfigError, match=r"region_table=True needs config.model.attributes"):
+    get_method(tiny_config(instruction="full", region_table=True, clip=CLIP_DIR))
+  with pytest.raises(base.ConfigError, match=r"needs config.model.clip"):
+    get_method(tiny_config(instruction="full", attributes="synthetic", region_table=True))
+  with pytest.raises(base.ConfigError, match="region_tokens=3"):
+    get_method(table_config("synthetic", region_tokens=3))
+  with pytest.raises(base.ConfigError, match="shared_with='fold'"):
+    get_method(table_config("synthetic", shared_with="fold"))
+  with pytest.raises(base.ConfigError, match="config.model.attribute_llm: .*unknown keys"):
+    get_method(tiny_config(instruction="full", attributes="llm",
+                           attribute_llm=dict(bogus=1))).attribute_source()
+  # A CLIP vision tower alone is not a CLIPModel.
+  vision_only = str(REPO / "tests" / "fixtures" / "llava" / "clip")
+  with pytest.raises(base.ConfigError, match="config.model.clip=.*CLIPModel config"):
+    get_method(table_config("synthetic", clip=vision_only)).clip_model()
+  c = table_config("synthetic", clip=str(tmp_path / "no_clip"))
+  assert any("model.clip" in line and "CLIPModel" in line
+             for line in llafs.LLaFS.missing_inputs(c))
+
+
+def test_configs_attributes_and_region_table():
+  llafs_coco, llafs_pascal = _config_module("llafs_coco"), _config_module("llafs_pascal")
+  c = llafs_coco.get_config("attributes=/data/attrs.json,clip=/w/no_such_clip")
+  assert (c.model.attributes, c.model.clip, c.model.region_table) == (
+      "/data/attrs.json", "/w/no_such_clip", True)
+  lines = llafs.LLaFS.missing_inputs(c)
+  assert any("model.clip = '/w/no_such_clip'" in line for line in lines)
+  assert any("model.attributes = '/data/attrs.json'" in line for line in lines)
+  p = llafs_pascal.get_config("attributes=llm")
+  assert (p.model.attributes, p.model.region_table) == ("llm", False)
+  demo = llafs_coco.get_config("demo=True")
+  assert (demo.model.instruction, demo.model.attributes, demo.model.region_table) == (
+      "compact", "", False)

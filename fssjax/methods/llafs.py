@@ -9,11 +9,12 @@ Per episode:
     `fssjax.nn.qformer`, transformers `Blip2QFormerModel` names) turns it into
     `num_query_tokens` visual tokens and a linear layer (`language_projection`) maps them
     into the LLM's embedding space;
-  * the instruction (`fssjax.priors.instruction`; 'full': the paper's task part, the class
-    attributes, every support as a worked example with its ground-truth polygons, then the
+  * the instruction (`fssjax.priors.instruction`; 'full': the paper's task part, "[class] has
+    [attributes]" (`model.attributes`), every support as a worked example with its
+    ground-truth polygons and (`model.region_table`) its region-attribute table, then the
     query; 'compact': only the worked examples and the query, for CPU token budgets) is
-    tokenised with the visual tokens spliced at its `<support_image>` / `<query_image>`
-    placeholders, in the LLM's chat format;
+    tokenised with the visual tokens spliced at its `<support_image>` / `<query_image>` /
+    `<region>` placeholders, in the LLM's chat format;
   * the LLM (LLaMA family, `fssjax.nn.llama`, under LoRA on `lora_targets`) writes the query
     mask as 16-point clockwise polygons `((x1,y1),...,(x16,y16))` (`fssjax.priors.polygons`);
   * the polygons are parsed robustly (malformed / truncated / out-of-range answers are
@@ -37,6 +38,43 @@ Host work inside the jitted functions. Polygons and token ids depend on the mask
 are made on the host inside the traced `loss` / `predict` with `jax.pure_callback`
 (`io_callback` for the counting parse): masks -> polygons -> text -> token ids with
 positions of the visual tokens; generated ids -> text -> parse -> coarse masks.
+
+Attributes and the region-attribute table (the paper's fine-grained in-context instruction):
+  * `model.attributes`: '' (none), 'synthetic' (the embedded benchmark's exact shape,
+    texture, colour and size fields, `SyntheticAttributes`), 'llm' (`LLMAttributes`: the
+    priors LLM client of `model.attribute_llm`, default the local SmolLM2, at most
+    `max_attributes` per class, every answer cached by the client) or a JSON file {class name:
+    [attribute, ...]} (classes it lacks get none, with a warning). Every class of the data
+    set is looked up once, when the codec is built. The 'full' instruction then says
+    "[Class] has a; b; c." with every attribute (shared ones too);
+  * `model.region_table` (needs 'full', attributes and `model.clip`, a transformers CLIPModel
+    directory, `fssjax.weights.clip`), inside the jitted loss / predict:
+      1. host (`pure_callback`): SLIC superpixels of each support's foreground on the
+         un-normalised image (`instruction.superpixels`, n_segments = `region_segments` = R,
+         at most R regions kept, the largest) -> labels [B, K, H, W];
+      2. graph: one masked square crop per superpixel (`masked_crop`, the JAX twin of
+         `instruction.masked_crops`: outside the region the image's mean colour; crops agree
+         with PIL's to 1.4e-3 in cosine on the tests' fixture) -> the CLIP image tower and
+         `visual_projection` (frozen, `params/clip`, loaded by `load_pretrained`) -> cosine to
+         the class's attribute text embeddings (`attribute_embeddings`: CLIP's text tower and
+         `text_projection`, computed once, eagerly, for every class of the data set, a
+         constant [C, A, P] of the graph) -> similarities [B, K, R, A] (no gradient);
+      3. host (the layout callback): `instruction.table_from_scores` on the regions present
+         (each attribute to its argmax region) -> the table text, one row per region with an
+         attribute, `region r <region>: a; b`, under each worked example;
+      4. region tokens (ours): the Q-Former on the support's features with the region channel
+         = that superpixel's mask (area-resized to the feature map), its Q tokens averaged in
+         `region_tokens` groups of Q / n consecutive tokens; n tokens per `<region>`, visual
+         index (K + 1) Q + (k R + r - 1) n + i (after the images' tokens). Regions not in the
+         table are computed and unused.
+    Attributes shared with other classes are removed before matching (`shared_with`:
+    'dataset', every other class of the data set's class list (`remove_shared`: exact match
+    after normalising case, spacing and punctuation), or 'none'). The episode's other
+    annotated classes would be closer to "other classes" but batches carry only the binary
+    masks. With 'synthetic' attributes and 'dataset' nothing is left: every shape, texture,
+    colour and size of the embedded benchmark is shared by some other class (a warning
+    says how many classes keep nothing). Stage batches (captions, pseudo-samples) have no
+    class and no table.
 
 Sequence layout: prompts are left-padded to `max_prompt_tokens` and the answer (training)
 follows at a fixed offset, right-padded to `max_answer_tokens`, so the logits are computed
@@ -106,12 +144,19 @@ Choices where the paper is silent (ours):
   * the refinement network's coarse input in training (the teacher-forced argmax answer);
   * K shots: 'joint' (all K worked examples in one instruction, as the paper's in-context
     part); the stage (a) prompt is the image tokens then the caption; stage (b) prompts give
-    the first m vertices as text after the query (`GIVEN_TEMPLATE`).
+    the first m vertices as text after the query (`GIVEN_TEMPLATE`);
+  * the region-attribute table (above): SLIC with R = 8 segments by default; CLIP cosine
+    of masked square crops; every attribute placed (no similarity threshold); shared
+    attributes removed against the data set's other classes; region tokens from the
+    Q-Former with the superpixel as its region channel, pooled to 4 tokens per region by
+    default; the sentence keeps every attribute.
 
 Weights: `model.llm` (a transformers LLaMA directory such as CodeLLaMA-7B, a GGUF file, or
 'smollm2' for the offline SmolLM2-135M-Instruct) or random from `model.llm_config`;
 `model.backbone_weights` (torchvision ResNet-50 state dict as safetensors) or random. The
 Q-Former starts from `model.qformer_weights` (a BLIP-2 checkpoint, `load_qformer`) or random.
+`model.clip` (region table): a transformers CLIPModel directory (safetensors, its tokenizer's
+vocab.json and merges.txt).
 """
 
 from __future__ import annotations
@@ -157,6 +202,8 @@ VISUAL_LAYOUTS = ("block", "polygon")
 QUERY_PRIORS = ("none", "prototype")
 PRIOR_SCALE = 10.0  # 'prototype': sigmoid(PRIOR_SCALE (cos - 0.5))
 OUTPUTS = ("refined", "coarse")
+ATTRIBUTE_SOURCES = ("synthetic", "llm")  # or a JSON path
+SHARED_WITH = ("dataset", "none")
 
 _DEFAULTS = dict(
     backbone="resnet50",
@@ -184,6 +231,14 @@ _DEFAULTS = dict(
     grid=0,
     max_objects=0,
     instruction="full",
+    attributes="",  # '' | 'synthetic' | 'llm' | a JSON file {class name: [attribute, ...]}
+    attribute_llm={},  # attributes='llm': a fssjax.priors.llm.LLMClient config (local SmolLM2)
+    max_attributes=5,  # attributes='llm': at most this many per class
+    region_table=False,  # the region-attribute table per support ('full' + attributes + clip)
+    clip="",  # region_table: a transformers CLIPModel directory (the text-image similarity)
+    shared_with="dataset",  # attributes removed before matching: shared with 'dataset' | 'none'
+    region_segments=8,  # SLIC n_segments = the most regions R per support
+    region_tokens=4,  # visual tokens per region (divides num_query_tokens)
     class_names=(),  # () = the data set's (synthetic, COCO-20i, PASCAL-5i); else "object"
     max_prompt_tokens=1024,
     max_answer_tokens=256,
@@ -273,14 +328,20 @@ class PromptCodec:
   """Instruction -> token ids in the fixed layout, and generated ids -> text.
 
   Visual tokens of an episode are numbered support 0 (Q tokens), ..., support K-1, then the
-  query (Q tokens): index k * Q + j. Captions (stage a) use the query slot only.
+  query (Q tokens): index k * Q + j; then the region tokens (region table): n per region, R
+  regions per support, region id r (1-based) of support k at (K + 1) Q + (k R + r - 1) n + i.
+  Captions (stage a) use the query slot only.
+
+  `attributes[c]`: the attributes of class c for the "[class] has [attributes]" sentence of
+  the 'full' instruction (() or an empty list: no sentence).
   """
 
   def __init__(self, tokenizer, *, num_query_tokens: int, conversation: str,
                instruction: str, num_points: int, grid: int, max_objects: int,
                max_prompt_tokens: int, max_answer_tokens: int,
                class_names: Sequence[str] = (), vertices: str = "arc",
-               visual_layout: str = "block"):
+               visual_layout: str = "block", attributes: Sequence[Sequence[str]] = (),
+               max_regions: int = 0, region_tokens: int = 0):
     if conversation not in CONVERSATIONS:
       raise ConfigError(f"config.model.conversation={conversation!r}; expected one of "
                         f"{sorted(CONVERSATIONS)}")
@@ -310,6 +371,8 @@ class PromptCodec:
     self._template: Optional[tuple] = None
     self.tp, self.ta = int(max_prompt_tokens), int(max_answer_tokens)
     self.class_names = list(class_names)
+    self.attributes = [list(a) for a in attributes]
+    self.max_regions, self.region_tokens = int(max_regions), int(region_tokens)
     self.pad_id = int(tokenizer.pad_id if tokenizer.pad_id is not None else 0)
     self._cache: dict[str, list] = {}
     self._lock = threading.RLock()
@@ -335,17 +398,27 @@ class PromptCodec:
     return mask_polygon_text(mask, num_points=self.num_points, grid=self.grid,
                              max_objects=self.max_objects, vertices=self.vertices)
 
+  def class_attributes(self, class_id: int) -> list:
+    """The attributes of a class for the instruction's sentence ([] when none / unknown)."""
+    if 0 <= class_id < len(self.attributes):
+      return list(self.attributes[class_id])
+    return []
+
   def episode_parts(self, support_masks: Sequence[np.ndarray], class_id: int = -1,
-                    given: Optional[np.ndarray] = None) -> list:
-    """The user turn as text and Placeholders (supports' polygons from their masks)."""
+                    given: Optional[np.ndarray] = None,
+                    tables: Optional[Sequence[Optional[list]]] = None) -> list:
+    """The user turn as text and Placeholders (supports' polygons from their masks; `tables`:
+    per support its region-attribute table rows, 'full' instruction only)."""
     sups = []
-    for m in support_masks:
+    for k, m in enumerate(support_masks):
       _, g = self.polygons(m)
-      sups.append(ins.SupportExample(size=self._size(np.shape(m)), polygons=g))
+      sups.append(ins.SupportExample(size=self._size(np.shape(m)), polygons=g,
+                                     table=tables[k] if tables is not None else None))
     size = self._size(np.shape(support_masks[0]))
     if self.instruction == "full":
-      built = ins.build_instruction(self._name(class_id), [], sups, size,
-                                    given_points=given, num_points=self.num_points)
+      built = ins.build_instruction(self._name(class_id), self.class_attributes(class_id),
+                                    sups, size, given_points=given,
+                                    num_points=self.num_points)
       parts = list(built.parts)
     else:
       parts = []
@@ -383,7 +456,15 @@ class PromptCodec:
     ids: list = [int(self.tok.bos_id)] if (self.bos and self.tok.bos_id is not None) else []
     vis: list = [-1] * len(ids)
     for p in [self.before] + list(parts) + [self.between]:
-      if isinstance(p, ins.Placeholder):
+      if isinstance(p, ins.Placeholder) and p.kind == "region":
+        n, r = self.region_tokens, self.max_regions
+        if n <= 0 or not 1 <= p.region <= r or not 0 <= p.shot < shots:
+          raise ValueError(f"PromptCodec: {p} has no region tokens (shots {shots}, "
+                           f"{r} regions of {n} tokens each)")
+        start = (shots + 1) * self.q + (p.shot * r + p.region - 1) * n
+        ids += [self.pad_id] * n
+        vis += list(range(start, start + n))
+      elif isinstance(p, ins.Placeholder):
         k = p.shot if p.kind == "support_image" else shots
         if self.visual_layout == "polygon":
           t_ids, slots = self.polygon_template()
@@ -431,8 +512,9 @@ class PromptCodec:
       labels[self.tp - 1:self.tp - 1 + len(a)] = a  # position i predicts token i + 1
     return Encoded(ids, vis, labels, mask, cut_p, cut_a)
 
-  def episode(self, support_masks, query_mask=None, class_id: int = -1, given=None) -> Encoded:
-    parts = self.episode_parts(support_masks, class_id, given)
+  def episode(self, support_masks, query_mask=None, class_id: int = -1, given=None,
+              tables=None) -> Encoded:
+    parts = self.episode_parts(support_masks, class_id, given, tables)
     answer = None
     if query_mask is not None:
       answer, _ = self.polygons(query_mask)
@@ -505,6 +587,37 @@ def _backbone(name: str, dtype) -> resnet_lib.ResNet:
                     "resnet_tiny")
 
 
+def masked_crop(image: jax.Array, mask: jax.Array, size: int) -> jax.Array:
+  """The JAX twin of `fssjax.priors.instruction.masked_crops` for one region (traceable, a
+  fixed output shape): the region's bounding box made square around its centre and clipped
+  to the image, pixels outside the region set to the image's mean colour, resized to size x
+  size (`jax.image.scale_and_translate`, linear with antialiasing; PIL's bilinear resize of
+  the cut-out box differs at the box's border pixels, which here also see the fill colour
+  just outside the box).
+
+  Args:
+    image: float [H, W, 3] (0..255). mask: bool [H, W] (an empty mask gives a crop of the
+      whole filled image).
+
+  Returns:
+    float32 [size, size, 3].
+  """
+  h, w = mask.shape
+  image = image.astype(jnp.float32)
+  x = jnp.where(mask[..., None], image, image.mean((0, 1)))
+  rows, cols = mask.any(1), mask.any(0)
+  y_min, x_min = jnp.argmax(rows), jnp.argmax(cols)
+  y_max, x_max = h - 1 - jnp.argmax(rows[::-1]), w - 1 - jnp.argmax(cols[::-1])
+  cy, cx = (y_min + y_max + 1) / 2, (x_min + x_max + 1) / 2
+  half = jnp.maximum(y_max + 1 - y_min, x_max + 1 - x_min) / 2
+  y0, y1 = jnp.maximum(0.0, jnp.floor(cy - half)), jnp.minimum(float(h), jnp.ceil(cy + half))
+  x0, x1 = jnp.maximum(0.0, jnp.floor(cx - half)), jnp.minimum(float(w), jnp.ceil(cx + half))
+  scale = jnp.stack([size / (y1 - y0), size / (x1 - x0)])
+  translation = -jnp.stack([y0, x0]) * scale
+  return jax.image.scale_and_translate(x, (size, size, 3), (0, 1), scale, translation,
+                                       method="linear", antialias=True)
+
+
 # ----------------------------------------------------------------------------------------
 # The method.
 
@@ -529,6 +642,7 @@ class LLaFS(Method):
         raise ConfigError(f"config.model.{key}={m[key]!r}; expected one of {list(allowed)}")
     if int(m["num_points"]) < 3:
       raise ConfigError(f"config.model.num_points={m['num_points']}; a polygon needs >= 3")
+    self._check_attributes()
     self.dtype = compute_dtype(config)
     self.backbone = _backbone(str(m["backbone"]), self.dtype)
     self.llm_config = self._llm_config()
@@ -537,6 +651,9 @@ class LLaFS(Method):
     self.refine = refine_lib.RefineNet(width=int(m["refine_width"]), dtype=self.dtype)
     self._codec = None
     self._qformer_cfg = None
+    self._attribute_lists: Optional[tuple] = None
+    self._clip: Optional[tuple] = None
+    self._text_table: Optional[np.ndarray] = None
     self._lock = threading.Lock()
     self.reset_generation_stats()
 
@@ -580,22 +697,137 @@ class LLaFS(Method):
       if not spec:
         raise ConfigError("LLaFS: config.model.tokenizer is empty (a tokenizer.json, a "
                           "tokenizer directory, a GGUF file or 'smollm2')")
-      names = list(m["class_names"] or ())
-      dataset = str(self.config.get("data", {}).get("dataset", ""))
-      if not names and dataset == "synthetic":
-        from fssjax.data import synthetic  # pylint: disable=import-outside-toplevel
-        names = [c.name for c in synthetic.categories()]
-      elif not names and dataset in ("coco20i", "pascal5i"):
-        from fssjax.data import folds  # pylint: disable=import-outside-toplevel
-        names = list(folds.COCO_CLASS_NAMES if dataset == "coco20i" else folds.VOC_CLASS_NAMES)
+      names = self.class_names()
       self._codec = PromptCodec(
           load_tokenizer(spec), num_query_tokens=int(m["num_query_tokens"]),
           conversation=str(m["conversation"]), instruction=str(m["instruction"]),
           num_points=int(m["num_points"]), grid=int(m["grid"]),
           max_objects=int(m["max_objects"]), max_prompt_tokens=int(m["max_prompt_tokens"]),
           max_answer_tokens=int(m["max_answer_tokens"]), class_names=names,
-          vertices=str(m["vertices"]), visual_layout=str(m["visual_layout"]))
+          vertices=str(m["vertices"]), visual_layout=str(m["visual_layout"]),
+          attributes=self.attribute_lists()[0],
+          max_regions=int(m["region_segments"]) if m["region_table"] else 0,
+          region_tokens=int(m["region_tokens"]) if m["region_table"] else 0)
     return self._codec
+
+  def class_names(self) -> list:
+    """`model.class_names`, else the data set's (synthetic, COCO-20i, PASCAL-5i), else []
+    (every class is then "object")."""
+    names = list(self.opts["class_names"] or ())
+    dataset = str(self.config.get("data", {}).get("dataset", ""))
+    if not names and dataset == "synthetic":
+      from fssjax.data import synthetic  # pylint: disable=import-outside-toplevel
+      names = [c.name for c in synthetic.categories()]
+    elif not names and dataset in ("coco20i", "pascal5i"):
+      from fssjax.data import folds  # pylint: disable=import-outside-toplevel
+      names = list(folds.COCO_CLASS_NAMES if dataset == "coco20i" else folds.VOC_CLASS_NAMES)
+    return names
+
+  # ---------------------------------------------------------------------------------------
+  # Attributes and the region-attribute table (settings; the computation is further down).
+
+  def _check_attributes(self) -> None:
+    """ConfigError for bad attribute / region-table settings (cheap checks only: no model or
+    LLM is loaded here)."""
+    m = self.opts
+    src = str(m["attributes"] or "")
+    if src and src not in ATTRIBUTE_SOURCES:
+      if not os.path.isfile(src):
+        raise ConfigError(
+            f"config.model.attributes={src!r}: not 'synthetic' or 'llm' and no such file "
+            f"({os.path.abspath(src)}); expected '' (none), 'synthetic' (the embedded "
+            "benchmark's descriptions), 'llm' (asked of config.model.attribute_llm) or a JSON "
+            "file {class name: [attribute, ...]}")
+      self._static_attributes(src)
+    if src and m["instruction"] != "full":
+      raise ConfigError(f"config.model.attributes={src!r} needs config.model.instruction="
+                        f"'full' (the compact instruction has no attribute sentence); got "
+                        f"{m['instruction']!r}")
+    if m["shared_with"] not in SHARED_WITH:
+      raise ConfigError(f"config.model.shared_with={m['shared_with']!r}; expected one of "
+                        f"{list(SHARED_WITH)}")
+    if not m["region_table"]:
+      return
+    missing = [f"config.model.{k}" + w for k, w, bad in (
+        ("instruction", "='full' (got %r)" % m["instruction"], m["instruction"] != "full"),
+        ("attributes", " (got '': no attributes to place)", not src),
+        ("clip", " (a transformers CLIPModel directory; got '')", not m["clip"]))
+               if bad]
+    if missing:
+      raise ConfigError("config.model.region_table=True needs " + ", ".join(missing))
+    q, n, r = int(m["num_query_tokens"]), int(m["region_tokens"]), int(m["region_segments"])
+    if n < 1 or q % n:
+      raise ConfigError(f"config.model.region_tokens={n}: a region's tokens pool the "
+                        f"Q-Former's {q} query tokens in equal groups; expected a divisor of "
+                        f"num_query_tokens={q}")
+    if r < 1:
+      raise ConfigError(f"config.model.region_segments={r}; expected >= 1 (SLIC superpixels "
+                        "per support, the most table rows)")
+
+  @staticmethod
+  def _static_attributes(path: str) -> ins.StaticAttributes:
+    try:
+      with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ConfigError(f"config.model.attributes={path!r}: unreadable JSON ({e}); expected "
+                        "{class name: [attribute, ...]}") from None
+    if not isinstance(table, dict) or not all(
+        isinstance(v, list) and all(isinstance(a, str) for a in v) for v in table.values()):
+      raise ConfigError(f"config.model.attributes={path!r}: expected a JSON object {{class "
+                        "name: [attribute, ...]}} (lists of strings)")
+    return ins.StaticAttributes(table)
+
+  def attribute_source(self):
+    """The `model.attributes` source (None for ''); 'llm' builds the LLM client."""
+    src = str(self.opts["attributes"] or "")
+    if not src:
+      return None
+    if src == "synthetic":
+      return ins.SyntheticAttributes()
+    if src == "llm":
+      from fssjax.priors import llm as llm_lib  # pylint: disable=import-outside-toplevel
+      try:
+        client = llm_lib.LLMClient.from_config(dict(self.opts["attribute_llm"] or {})
+                                               or {"backend": "local"})
+      except ValueError as e:
+        raise ConfigError(f"config.model.attribute_llm: {e}") from None
+      return ins.LLMAttributes(client, int(self.opts["max_attributes"]))
+    return self._static_attributes(src)
+
+  def attribute_lists(self) -> tuple:
+    """(every attribute per class, the distinguishing ones per class), aligned with
+    `class_names()`: the first for the "[class] has [attributes]" sentence, the second for
+    the region table (`remove_shared` against every other class of the data set with
+    `shared_with='dataset'`; all with 'none'). Computed once (an LLM source asks every class
+    here; its client caches the answers)."""
+    if self._attribute_lists is None:
+      source = self.attribute_source()
+      names = self.class_names()
+      every: list = []
+      for name in names:
+        if source is None:
+          every.append([])
+          continue
+        try:
+          every.append(list(source.attributes(name)))
+        except KeyError as e:
+          if isinstance(source, ins.SyntheticAttributes):
+            raise ConfigError(f"config.model.attributes='synthetic': {e.args[0]}") from None
+          logging.warning("LLaFS attributes: %s; the class gets none", e.args[0])
+          every.append([])
+      if self.opts["shared_with"] == "dataset":
+        distinct = [ins.remove_shared(a, every[:i] + every[i + 1:]) for i, a in enumerate(every)]
+      else:
+        distinct = [ins.remove_shared(a, []) for a in every]
+      if source is not None and self.opts["region_table"]:
+        empty = sum(1 for a in distinct if not a)
+        if empty:
+          logging.warning("LLaFS region table: %d of %d classes keep no attribute after "
+                          "removing those shared with the other classes (shared_with=%r); "
+                          "their tables are empty", empty, len(names), self.opts["shared_with"])
+      self._attribute_lists = (every, distinct)
+    return self._attribute_lists
 
   @property
   def max_new_tokens(self) -> int:
@@ -614,11 +846,21 @@ class LLaFS(Method):
                               "file (or 'smollm2')"),
                       ("tokenizer", "a tokenizer.json / tokenizer directory / .gguf"),
                       ("backbone_weights", "a torchvision ResNet state dict as safetensors"),
-                      ("qformer_weights", "a BLIP-2 checkpoint directory")):
+                      ("qformer_weights", "a BLIP-2 checkpoint directory"),
+                      ("clip", "a transformers CLIPModel directory (config.json, "
+                               "model.safetensors, vocab.json, merges.txt) for the "
+                               "region-attribute table")):
       path = str(m.get(key, "") or "")
       if path and path != "smollm2" and not os.path.exists(path):
         out.append(f"model.{key} = {path!r}: no such file or directory "
                    f"({os.path.abspath(path)}); expected {what}")
+    src = str(m.get("attributes", "") or "")
+    if src and src not in ATTRIBUTE_SOURCES and not os.path.exists(src):
+      out.append(f"model.attributes = {src!r}: no such file ({os.path.abspath(src)}); "
+                 "expected a JSON file {class name: [attribute, ...]}, 'synthetic' or 'llm'")
+    if m.get("region_table", False) and not m.get("clip", ""):
+      out.append("model.region_table is on but model.clip is empty: the table needs a "
+                 "transformers CLIPModel directory (pass clip=PATH to configs/llafs_*.py)")
     return out
 
   def _position_channels(self) -> int:
@@ -703,6 +945,9 @@ class LLaFS(Method):
                                key)
     out = jax.tree.unflatten(treedef, values)
     out["params"]["llm"] = _init_llm(shapes["params"]["llm"], jax.random.fold_in(rng, 7))
+    if self.opts["region_table"]:  # frozen; `load_pretrained` fills in model.clip's weights
+      out["params"]["clip"] = jax.tree.map(lambda x: jnp.zeros(np.shape(x), jnp.float32),
+                                           self._clip_image_params())
     return out
 
   # ---------------------------------------------------------------------------------------
@@ -710,7 +955,8 @@ class LLaFS(Method):
 
   def load_pretrained(self, params: PyTree | None, frozen: PyTree) -> tuple[Any, Any]:
     """The LLM (stacked for the scanned layers, LoRA factors kept as initialised), the
-    backbone and Q-Former checkpoints when given; then the stages (a), (b) of
+    backbone and Q-Former checkpoints when given, the CLIP image tower and projection of
+    `model.clip` (region table; frozen, `params/clip`); then the stages (a), (b) of
     `model.stages` (cached; see the module docstring)."""
     items = []
     if self.opts["llm"]:
@@ -719,6 +965,10 @@ class LLaFS(Method):
       items += self._backbone_items()
     if self.opts["qformer_weights"]:
       items += self._qformer_items()
+    if self.opts["region_table"]:
+      items += [("params/clip/" + p, lambda v=v: np.asarray(v, np.float32))
+                for p, v in base.leaf_paths(self._clip_image_params()).items()]
+      self.attribute_embeddings()  # the text side, once, before any tracing
     params, frozen = base.replace_leaves(params, frozen, items)
     stages = dict(self.opts["stages"] or {})
     if params is not None and any(int(dict(s).get("steps", 0)) for s in stages.values()):
@@ -777,15 +1027,24 @@ class LLaFS(Method):
     return out["tokens"].astype(jnp.float32)
 
   def visual_tokens(self, v: PyTree, query_image: jax.Array, support_images: jax.Array,
-                    support_masks: jax.Array) -> jax.Array:
-    """[B, (K + 1) Q, D]: support 0..K-1 then the query (the codec's numbering)."""
-    return self.visual_and_prior(v, query_image, support_images, support_masks)[0]
+                    support_masks: jax.Array, regions: Optional[jax.Array] = None
+                    ) -> jax.Array:
+    """[B, (K + 1) Q (+ K R n), D]: support 0..K-1 then the query, then the region tokens
+    when `regions` (superpixel labels) are given (the codec's numbering)."""
+    return self.visual_and_prior(v, query_image, support_images, support_masks, regions)[0]
 
   def visual_and_prior(self, v: PyTree, query_image: jax.Array, support_images: jax.Array,
-                       support_masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+                       support_masks: jax.Array, regions: Optional[jax.Array] = None
+                       ) -> tuple[jax.Array, jax.Array]:
     """(visual tokens [B, (K + 1) Q, D] as `visual_tokens`, the query's region channel
     [B, h, w] float32 at the feature resolution: sigmoid(10 (cos - 0.5)) of the cosine to the
-    support prototype (`query_prior='prototype'`), or zeros)."""
+    support prototype (`query_prior='prototype'`), or zeros).
+
+    `regions` int32 [B, K, H, W] (superpixel ids 1..R of the supports, 0 elsewhere): the
+    region tokens are appended, [B, K R n, D] in the order (support, region, token): the
+    Q-Former on the support's features with the region channel = that superpixel's mask
+    (area-resized to the feature map), its Q tokens averaged in n = `region_tokens` groups of
+    Q / n consecutive tokens."""
     b, k = support_images.shape[:2]
     imgs = jnp.concatenate([support_images.reshape((b * k,) + support_images.shape[2:]),
                             query_image], 0)
@@ -808,7 +1067,15 @@ class LLaFS(Method):
     tokens = self._tokens(v, feats, jnp.concatenate([s_region, q_region], 0))
     q = tokens.shape[1]
     s_tok = tokens[:b * k].reshape(b, k * q, -1)
-    return jnp.concatenate([s_tok, tokens[b * k:]], 1), q_region
+    out = [s_tok, tokens[b * k:]]
+    if regions is not None:
+      r, n = int(self.opts["region_segments"]), int(self.opts["region_tokens"])
+      ids = jnp.arange(1, r + 1, dtype=jnp.int32)[:, None, None]
+      rm = (regions.reshape((b * k, 1) + regions.shape[2:]) == ids).astype(jnp.float32)
+      r_region = _area_resize(rm.reshape((b * k * r,) + regions.shape[2:]), hw)
+      r_tok = self._tokens(v, jnp.repeat(s_feats, r, axis=0), r_region)  # [BKR, Q, D]
+      out.append(r_tok.reshape(b * k * r, n, q // n, -1).mean(2).reshape(b, k * r * n, -1))
+    return jnp.concatenate(out, 1), q_region
 
   def snap(self, llm_params, visual: jax.Array) -> jax.Array:
     """`model.snap_tokens`: each visual token [..., D] replaced by the LLM's input embedding
@@ -850,17 +1117,140 @@ class LLaFS(Method):
     return model.apply({"params": llm_p}, hidden, method=model.head)
 
   # ---------------------------------------------------------------------------------------
+  # The region-attribute table (see the module docstring): superpixels on the host, the CLIP
+  # similarity in the graph, the table text on the host.
+
+  def clip_model(self) -> tuple:
+    """(CLIPModelConfig, params) of `model.clip`, loaded once."""
+    if self._clip is None:
+      from fssjax.weights import clip as wc  # pylint: disable=import-outside-toplevel
+      path = str(self.opts["clip"])
+      try:
+        self._clip = wc.load_clip_model(path, allow_pickle=bool(self.opts["allow_pickle_weights"]))
+      except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config.model.clip={path!r}: {e}") from None
+      logging.info("LLaFS region table: CLIP from %s", path)
+    return self._clip
+
+  def _clip_image_params(self) -> dict:
+    p = self.clip_model()[1]
+    return {"vision_model": p["vision_model"], "visual_projection": p["visual_projection"]}
+
+  def attribute_embeddings(self) -> np.ndarray:
+    """float32 [C, A, P]: the unit CLIP text embedding of distinguishing attribute a of class
+    c (`attribute_lists()[1]`; zeros past a class's count; C, A >= 1). Computed once,
+    eagerly (also when first asked inside a trace), and used as a constant of the graph."""
+    if self._text_table is None:
+      from fssjax.nn import clip as nc  # pylint: disable=import-outside-toplevel
+      from fssjax.weights import clip as wc  # pylint: disable=import-outside-toplevel
+      config, params = self.clip_model()
+      distinct = self.attribute_lists()[1]
+      table = np.zeros((max(len(distinct), 1), max([len(d) for d in distinct] + [1]),
+                        config.projection_dim), np.float32)
+      texts = [t for d in distinct for t in d]
+      if texts:
+        ids, mask = wc.tokenize(wc.load_clip_tokenizer(str(self.opts["clip"])), texts, config)
+        model = nc.CLIPModel(config)
+        fn = jax.jit(lambda p, i, m: nc.normalise(model.apply(
+            {"params": p}, i, m, method=model.get_text_features)))
+        text_params = {k: params[k] for k in ("text_model", "text_projection", "logit_scale")}
+        chunk = min(256, len(texts))  # one compiled shape: the last chunk is padded
+        pad = -len(texts) % chunk
+        ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+        mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
+        emb = []
+        with jax.ensure_compile_time_eval():  # concrete values also inside a trace
+          for i in range(0, len(ids), chunk):
+            emb.append(np.asarray(fn(text_params, ids[i:i + chunk], mask[i:i + chunk]),
+                                  np.float32))
+        emb = np.concatenate(emb)[:len(texts)]
+        j = 0
+        for c, d in enumerate(distinct):
+          table[c, :len(d)] = emb[j:j + len(d)]
+          j += len(d)
+      self._text_table = table
+    return self._text_table
+
+  def _host_superpixels(self, support_images, support_masks):
+    """int32 [B, K, H, W] SLIC superpixels (ids 1..R) of each support's foreground."""
+    from fssjax.data import transforms  # pylint: disable=import-outside-toplevel
+    r = int(self.opts["region_segments"])
+    x = np.asarray(support_images, np.float32) * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN
+    u8 = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
+    masks = np.asarray(support_masks)
+    out = np.zeros(masks.shape, np.int32)
+    for i in range(masks.shape[0]):
+      for k in range(masks.shape[1]):
+        out[i, k] = ins.superpixels(u8[i, k], masks[i, k] == 1, n_segments=r, max_regions=r)
+    return out
+
+  def region_inputs(self, v: PyTree, batch: Mapping[str, jax.Array]) -> tuple:
+    """(superpixel labels int32 [B, K, H, W], similarities float32 [B, K, R, A], present bool
+    [B, K, R]): the cosine between each superpixel's masked crop (`masked_crop`) through the
+    CLIP image tower and projection (`params/clip`) and each distinguishing attribute of the
+    episode's class (`attribute_embeddings`). No gradient flows through it."""
+    si = jax.lax.stop_gradient(batch["support_images"]).astype(jnp.float32)
+    sm = batch["support_masks"]
+    b, k, h, w = sm.shape
+    r = int(self.opts["region_segments"])
+    labels = jax.pure_callback(self._host_superpixels,
+                               jax.ShapeDtypeStruct((b, k, h, w), jnp.int32), si, sm)
+    masks = labels[:, :, None] == jnp.arange(1, r + 1, dtype=jnp.int32)[:, None, None]
+    present = masks.any((-1, -2))
+    from fssjax.data import transforms  # pylint: disable=import-outside-toplevel
+    from fssjax.nn import clip as nc  # pylint: disable=import-outside-toplevel
+    from fssjax.nn import clip_vision as cv  # pylint: disable=import-outside-toplevel
+    config = self.clip_model()[0]
+    size = config.vision.image_size
+    img = ((si * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255.0).reshape(
+        b * k, h, w, 3)
+    crop = functools.partial(masked_crop, size=size)
+    crops = jax.vmap(jax.vmap(crop, in_axes=(None, 0)))(img, masks.reshape(b * k, r, h, w))
+    crops = crops.reshape(b * k * r, size, size, 3)
+    pix = (crops / 255.0 - jnp.asarray(cv.CLIP_MEAN)) / jnp.asarray(cv.CLIP_STD)
+    cp = v["params"]["clip"]
+    pooled = cv.CLIPVisionModel(config.vision, dtype=self.dtype).apply(
+        {"params": cp["vision_model"]}, pix)["pooler_output"].astype(jnp.float32)
+    emb = nc.normalise(pooled @ cp["visual_projection"]["kernel"]).reshape(b, k, r, -1)
+    table = jnp.asarray(self.attribute_embeddings())
+    cls = jnp.clip(batch.get("class_id", jnp.zeros((b,), jnp.int32)), 0, table.shape[0] - 1)
+    sims = jnp.einsum("bkrp,bap->bkra", emb, table[cls])
+    return labels, jax.lax.stop_gradient(sims), present
+
+  def region_tables(self, class_id: int, sims: np.ndarray, present: np.ndarray) -> list:
+    """Per support of one episode its table rows (`fssjax.priors.instruction.
+    table_from_scores` on the present regions and the class's distinguishing attributes), or
+    None when there is nothing to place. sims [K, R, A], present [K, R]."""
+    distinct = self.attribute_lists()[1]
+    attrs = distinct[class_id] if 0 <= class_id < len(distinct) else []
+    out = []
+    for k in range(sims.shape[0]):
+      keep = np.asarray(present[k], bool)
+      ids = [int(i) + 1 for i in np.nonzero(keep)[0]]
+      if not attrs or not ids:
+        out.append(None)
+        continue
+      out.append(ins.table_from_scores(np.asarray(sims[k])[keep][:, :len(attrs)], attrs, ids))
+    return out
+
+  # ---------------------------------------------------------------------------------------
   # Host callbacks.
 
-  def _host_layout(self, support_masks, query_mask, class_id):
+  def _host_layout(self, support_masks, query_mask, class_id, sims=None, present=None):
     codec = self.codec
-    encs = [codec.episode(list(np.asarray(support_masks[i])), np.asarray(query_mask[i]),
-                          int(class_id[i])) for i in range(support_masks.shape[0])]
+    encs = []
+    for i in range(support_masks.shape[0]):
+      tables = None if sims is None else self.region_tables(int(class_id[i]), sims[i],
+                                                            present[i])
+      encs.append(codec.episode(list(np.asarray(support_masks[i])), np.asarray(query_mask[i]),
+                                int(class_id[i]), tables=tables))
     s = stack(encs)
     return s["ids"], s["visual"], s["labels"], s["mask"], s["truncated"]
 
-  def layout_batch(self, batch: Mapping[str, jax.Array]) -> dict:
-    """The training layout of an episode batch (host callback; see the module docstring)."""
+  def layout_batch(self, batch: Mapping[str, jax.Array], sims: Optional[jax.Array] = None,
+                   present: Optional[jax.Array] = None) -> dict:
+    """The training layout of an episode batch (host callback; see the module docstring);
+    with `sims`, `present` (`region_inputs`) each support gets its region-attribute table."""
     if "llafs/ids" in batch:
       return {k: batch[f"llafs/{k}"] for k in ("ids", "visual", "labels", "mask", "truncated")}
     b = batch["query_mask"].shape[0]
@@ -868,8 +1258,9 @@ class LLaFS(Method):
     spec = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 4 + [
         jax.ShapeDtypeStruct((b, 2), jnp.int32)]
     class_id = batch.get("class_id", jnp.full((b,), -1, jnp.int32))
+    extra = () if sims is None else (sims, present)
     out = jax.pure_callback(self._host_layout, spec, batch["support_masks"],
-                            batch["query_mask"], class_id)
+                            batch["query_mask"], class_id, *extra)
     return dict(zip(("ids", "visual", "labels", "mask", "truncated"), out))
 
   def _host_coarse(self, tokens, lengths, size, count: bool):
@@ -916,11 +1307,15 @@ class LLaFS(Method):
              tokens_per_s=st["new_tokens"] / st["seconds"] if st["seconds"] else 0.0)
     return d
 
-  def _host_prompt(self, support_masks, class_id):
+  def _host_prompt(self, support_masks, class_id, sims=None, present=None):
     codec = self.codec
-    encs = [codec.layout(codec.episode_parts(list(np.asarray(support_masks[i])),
-                                             int(class_id[i])), support_masks.shape[1], None)
-            for i in range(support_masks.shape[0])]
+    encs = []
+    for i in range(support_masks.shape[0]):
+      tables = None if sims is None else self.region_tables(int(class_id[i]), sims[i],
+                                                            present[i])
+      parts = codec.episode_parts(list(np.asarray(support_masks[i])), int(class_id[i]),
+                                  tables=tables)
+      encs.append(codec.layout(parts, support_masks.shape[1], None))
     with self._lock:
       self._stats["t_prompt"] = time.perf_counter()
     return (np.stack([e.ids for e in encs]), np.stack([e.visual for e in encs]),
@@ -932,9 +1327,12 @@ class LLaFS(Method):
   def loss(self, params: PyTree, frozen: PyTree, batch: dict[str, jax.Array],
            rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     v = base.merge(params, frozen)
-    seq = self.layout_batch(batch)
+    regions, sims, present = None, None, None
+    if self.opts["region_table"] and "llafs/ids" not in batch:
+      regions, sims, present = self.region_inputs(v, batch)
+    seq = self.layout_batch(batch, sims, present)
     visual, q_region = self.visual_and_prior(v, batch["query_image"], batch["support_images"],
-                                             batch["support_masks"])
+                                             batch["support_masks"], regions)
     logits = self.answer_logits(v, seq, visual, rng)
     labels = seq["labels"][:, int(self.opts["max_prompt_tokens"]) - 1:-1]
     valid = labels >= 0
@@ -961,7 +1359,9 @@ class LLaFS(Method):
       total = total + float(self.opts["refine_weight"]) * rl
       metrics.update(refine=rl, refine_bce=parts["bce"], refine_dice=parts["dice"])
     if float(self.opts["locate_weight"]) > 0:
-      aux, m, _ = self.locate_terms(v, visual, q_region, batch)
+      k = batch["support_masks"].shape[1]
+      images = visual[:, :(k + 1) * int(self.opts["num_query_tokens"])]  # not the regions'
+      aux, m, _ = self.locate_terms(v, images, q_region, batch)
       total = total + float(self.opts["locate_weight"]) * aux
       metrics.update(m)
     metrics["loss"] = total
@@ -1122,10 +1522,14 @@ class LLaFS(Method):
     tp = int(self.opts["max_prompt_tokens"])
     class_id = batch.get("class_id", jnp.full((b,), -1, jnp.int32))
     spec = [jax.ShapeDtypeStruct((b, tp), jnp.int32)] * 3
+    regions, extra = None, ()
+    if self.opts["region_table"]:
+      regions, sims, present = self.region_inputs(v, batch)
+      extra = (sims, present)
     ids, vis_idx, mask = io_callback(self._host_prompt, spec, batch["support_masks"], class_id,
-                                     ordered=False)
+                                     *extra, ordered=False)
     visual = self.visual_tokens(v, batch["query_image"], batch["support_images"],
-                                batch["support_masks"])
+                                batch["support_masks"], regions)
     llm_p = v["params"]["llm"]
     emb = self._embed(llm_p, ids, vis_idx, visual).astype(self.dtype or jnp.float32)
     n = self.max_new_tokens

@@ -32,10 +32,12 @@ Region-attribute table (`region_attribute_table`), choices where the paper is si
     `region k <region>: attribute; attribute`.
   * attributes shared with other classes are removed before matching (`remove_shared`: a
     case-, space- and punctuation-insensitive exact match against the other classes' lists);
-    which classes count as "other" is the caller's choice (the method passes the other
-    classes annotated in the episode's images; with all 80 classes of the embedded benchmark
-    every shape and texture is shared with someone). The "[class] has [attributes]" sentence
-    keeps every attribute.
+    which classes count as "other" is the caller's choice (`fssjax.methods.llafs`: every
+    other class of the data set, `model.shared_with='dataset'`, or none; with all 80 classes
+    of the embedded benchmark every shape, texture, colour and size is shared with someone).
+    The "[class] has [attributes]" sentence keeps every attribute.
+  * `table_from_scores(scores, attributes, region_ids)` applies the matching rule to
+    precomputed scores (the method computes them in its jitted graph).
 
 Attribute sources (pluggable: anything with `attributes(class_name) -> list[str]`):
   SyntheticAttributes   the embedded benchmark's exact descriptions (shape, texture, colours,
@@ -358,7 +360,8 @@ Similarity = Callable[[np.ndarray, np.ndarray, Sequence[str]], np.ndarray]
 
 
 def superpixels(image: np.ndarray, mask: np.ndarray, n_segments: int = 8,
-                compactness: float = 10.0, min_region_pixels: int = 4) -> np.ndarray:
+                compactness: float = 10.0, min_region_pixels: int = 4,
+                max_regions: Optional[int] = None) -> np.ndarray:
   """SLIC superpixels of the foreground.
 
   Args:
@@ -366,6 +369,8 @@ def superpixels(image: np.ndarray, mask: np.ndarray, n_segments: int = 8,
     mask: [H, W] foreground (non-zero; 255 counts as background here).
     n_segments, compactness: skimage.segmentation.slic's.
     min_region_pixels: smaller superpixels are set to 0.
+    max_regions: keep at most this many (the largest; ties: the lower SLIC label), the others
+      set to 0 (SLIC's n_segments is approximate). None: all.
 
   Returns:
     int32 [H, W]: 0 outside the foreground (and in dropped superpixels), 1..K inside,
@@ -387,14 +392,12 @@ def superpixels(image: np.ndarray, mask: np.ndarray, n_segments: int = 8,
                 channel_axis=-1 if x.ndim == 3 else None)
   labels = np.where(fg, labels, 0)
   out = np.zeros(fg.shape, np.int32)
-  k = 0
-  for r in np.unique(labels):
-    if r == 0:
-      continue
-    sel = labels == r
-    if sel.sum() >= min_region_pixels:
-      k += 1
-      out[sel] = k
+  keep = [(int((labels == r).sum()), int(r)) for r in np.unique(labels) if r != 0]
+  keep = [(n, r) for n, r in keep if n >= min_region_pixels]
+  if max_regions is not None and len(keep) > max_regions:
+    keep = sorted(sorted(keep, key=lambda t: (-t[0], t[1]))[:max_regions], key=lambda t: t[1])
+  for k, (_, r) in enumerate(keep):
+    out[labels == r] = k + 1
   return out
 
 
@@ -484,14 +487,39 @@ def region_attribute_table(image: np.ndarray, mask: np.ndarray, attributes: Sequ
   if scores.shape != (len(ids), len(attributes)):
     raise ValueError(f"similarity returned shape {scores.shape}; expected [regions, attributes]"
                      f" = ({len(ids)}, {len(attributes)})")
+  return table_from_scores(scores, attributes, ids, regions, min_similarity=min_similarity)
+
+
+def table_from_scores(scores: np.ndarray, attributes: Sequence[str], region_ids: Sequence[int],
+                      region_masks: Optional[np.ndarray] = None, *,
+                      min_similarity: Optional[float] = None) -> list:
+  """The table rows of precomputed scores (the matching rule of `region_attribute_table`):
+  each attribute goes to its best region (argmax over regions; ties: the first), attributes
+  whose best score is below `min_similarity` are left out; rows in region-id order.
+
+  Args:
+    scores: [K, A] (region k = `region_ids[k]`, attribute a = `attributes[a]`).
+    region_ids: the K region ids (ascending).
+    region_masks: bool [K, H, W] for the rows' `mask` (None: None).
+
+  Returns:
+    list of RegionAttributes, only regions with at least one attribute.
+  """
+  scores = np.asarray(scores, np.float64)
+  if scores.shape != (len(region_ids), len(attributes)):
+    raise ValueError(f"table_from_scores: scores have shape {scores.shape}; expected "
+                     f"[regions, attributes] = ({len(region_ids)}, {len(attributes)})")
+  if not len(region_ids) or not len(attributes):
+    return []
   best = np.argmax(scores, axis=0)  # first maximum: the lower region id on ties
   rows = {}
   for a, attr in enumerate(attributes):
     s = float(scores[best[a], a])
     if min_similarity is not None and s < min_similarity:
       continue
-    r = ids[int(best[a])]
-    row = rows.setdefault(r, RegionAttributes(r, regions[int(best[a])], [], []))
+    r = int(region_ids[int(best[a])])
+    mask = None if region_masks is None else region_masks[int(best[a])]
+    row = rows.setdefault(r, RegionAttributes(r, mask, [], []))
     row.attributes.append(attr)
     row.scores.append(s)
   return [rows[r] for r in sorted(rows)]
