@@ -576,3 +576,69 @@ def test_configs_attributes_and_region_table():
   demo = llafs_coco.get_config("demo=True")
   assert (demo.model.instruction, demo.model.attributes, demo.model.region_table) == (
       "compact", "", False)
+
+
+def test_snapped_tokens_are_digit_embeddings_with_a_straight_through_gradient():
+  method = get_method(tiny_config(num_query_tokens=12, snap_tokens=True))
+  batch = make_batch()
+  params, frozen = base.initialize(method, jax.random.PRNGKey(0), batch)
+  llm = base.merge(params, frozen)["params"]["llm"]
+  e = np.asarray(llm["model"]["embed_tokens"]["embedding"])[method.digit_ids()]  # [4, 16]
+  rng = np.random.default_rng(0)
+  want = rng.integers(0, 4, size=(2, 5))
+  # Near digit `want` (the random embeddings have std 0.02, neighbours ~0.1 apart).
+  x = e[want] + 0.004 * rng.normal(size=(2, 5, 16)).astype(np.float32)
+  snapped = np.asarray(method.snap(llm, jnp.asarray(x)))
+  np.testing.assert_allclose(snapped, e[want], rtol=0, atol=1e-7)  # x + (hard - x)
+  assert np.abs(x - e[want]).max() > 1e-3
+  c = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  g = jax.grad(lambda t: jnp.sum(method.snap(llm, t) * c))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(g), np.asarray(c), rtol=0, atol=1e-6)
+
+
+def test_a_stage_keeps_its_frozen_parts():
+  c = tiny_config(stages=dict(curriculum=dict(steps=2, batch=2, lr=1e-2,
+                                              frozen=("params/qformer",))),
+                  stage_dir="")
+  method = get_method(c)
+  batch = make_batch()
+  params, frozen = base.partition(method.init(jax.random.PRNGKey(0), batch),
+                                  method.trainable_patterns())
+  after = base.leaf_paths(llafs.train_stage(method, "curriculum", c.model.stages.curriculum,
+                                            params, frozen))
+  before = base.leaf_paths(params)
+  moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+  assert any("lora_" in k for k in moved)
+  assert not any(k.startswith("params/qformer/") for k in moved)
+
+
+def test_truth_tokens_and_visual_grad():
+  # truth_tokens = 1: every episode's image tokens are the digit embeddings of its polygon;
+  # visual_grad = False: the LLM loss leaves the visual side without gradient (LoRA learns).
+  method = get_method(tiny_config(num_query_tokens=12, truth_tokens=1.0, visual_grad=False,
+                                  snap_tokens=True))
+  batch = make_batch()
+  params, frozen = base.initialize(method, jax.random.PRNGKey(0), batch)
+  v = base.merge(params, frozen)
+  vis = method.visual_tokens(v, batch["query_image"], batch["support_images"],
+                             batch["support_masks"])
+  e = np.asarray(method.digit_embeddings(v["params"]["llm"]))
+  tgt = np.asarray(method.vertex_targets(batch)).reshape(2, -1)  # [B, (K + 1) 2P]
+  assert (tgt >= 0).all() and tgt.shape == (2, 24)
+  truth = method.truth_visual(v, vis, batch, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(np.asarray(truth), e[tgt])
+  # The query's digits are its answer polygon's coordinates (x1, y1, ..., x6, y6).
+  _, g = method.codec.polygons(np.asarray(batch["query_mask"][0]))
+  np.testing.assert_array_equal(tgt[0, 12:], np.asarray(g[0]).reshape(-1))
+  grads, _ = jax.grad(lambda p: method.loss(p, frozen, batch, jax.random.PRNGKey(1)),
+                      has_aux=True)(params)
+  flat = base.leaf_paths(grads)
+  assert all(float(jnp.abs(x).max()) == 0 for k, x in flat.items()
+             if k.startswith("params/qformer/"))
+  assert max(float(jnp.abs(x).max()) for k, x in flat.items() if "lora_" in k) > 0
+  # The default (visual_grad=True) trains the Q-Former through the LLM loss.
+  method2 = get_method(tiny_config(num_query_tokens=12))
+  grads2, _ = jax.grad(lambda p: method2.loss(p, frozen, batch, jax.random.PRNGKey(1)),
+                       has_aux=True)(params)
+  assert max(float(jnp.abs(x).max()) for k, x in base.leaf_paths(grads2).items()
+             if k.startswith("params/qformer/")) > 0

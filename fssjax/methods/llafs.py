@@ -109,7 +109,8 @@ Training stages (paper, Sec. 3.4), `model.stages`:
   (a), 'locate' and (b) run in `load_pretrained` before (c) starts, each cached in
   `model.stage_dir` (default ~/.cache/fssjax/llafs, keyed by a hash of every setting they
   depend on), so a rerun or a resumed run skips finished stages; (c) resumes from the
-  trainer's checkpoints. Stage keys: steps, batch, lr, log_every; 'locate' also data
+  trainer's checkpoints. Stage keys: steps, batch, lr, log_every, frozen (parameter-path
+  prefixes the stage keeps fixed, besides its defaults); 'locate' also data
   ('episodes': the base-class training episodes; 'pseudo': pseudo-samples) and
   refine_batch (the refinement loss on the first n episodes of a batch; 0 = all).
 
@@ -133,6 +134,20 @@ Choices where the paper is silent (ours):
     polygon text) the answer is then a copy of the query's template with each token read as
     a digit: an induction pattern that LoRA learns within about 10 steps, where the 'block'
     layout did not learn to read the tokens in 120 (docs/llafs.md);
+  * `snap_tokens`: each visual token entering the LLM is replaced by the LLM's embedding of
+    its nearest digit (`snap`; straight-through gradient, as VQ-VAE), so that the LLM reads
+    exactly one digit per token (the 'locate' targets' settings needed);
+  * `truth_tokens` = p (training, stages (b) and (c)): in a random fraction p of the
+    episodes every image's tokens are the digit embeddings of its own polygon
+    (`truth_visual`). With noisy tokens alone the LLM learned to write something between
+    the tokens and a mean shape (in the demo it agreed with the query tokens' digits on
+    about half of the coordinates); with snapped tokens it cannot tell these episodes from
+    the others, and learns to read the tokens;
+  * `visual_grad=False`: the LLM loss of (b), (c) leaves the encoder and Q-Former without
+    gradient (`stop_gradient` on the tokens and the prior; with Adam and no weight decay
+    they keep their values, and stay in the checkpoint), so that the visual side keeps
+    what stage 'locate' taught it (in the demo, (c) otherwise lowered the tokens' own
+    polygon from 35 to 23-27 refined mIoU). Stage (a) always trains the visual side;
   * `position_linear`: two more position channels, x and y in [-1, 1] (CoordConv-style),
     for the extreme points;
   * the image features entering the Q-Former carry a 2-D sinusoidal position code
@@ -215,6 +230,8 @@ _DEFAULTS = dict(
     num_query_tokens=32,
     visual_layout="block",  # 'block' (the paper) | 'polygon' (ours; see the docstring)
     snap_tokens=False,  # visual tokens -> the nearest digit embedding (straight-through)
+    truth_tokens=0.0,  # (b), (c): this fraction of episodes reads the answer's digit tokens
+    visual_grad=True,  # False: the LLM loss of (b), (c) does not train the visual side
     position_channels=32,
     position_linear=False,  # two more channels: x, y in [-1, 1]
     query_prior="none",
@@ -1077,15 +1094,20 @@ class LLaFS(Method):
       out.append(r_tok.reshape(b * k * r, n, q // n, -1).mean(2).reshape(b, k * r * n, -1))
     return jnp.concatenate(out, 1), q_region
 
+  def digit_embeddings(self, llm_params) -> jax.Array:
+    """float32 [G, D]: the LLM's (frozen) input embeddings of the digits 0 .. grid-1
+    (`check_locate`'s settings needed)."""
+    self.check_locate()
+    e = jnp.take(llm_params["model"]["embed_tokens"]["embedding"],
+                 jnp.asarray(self.digit_ids()), axis=0).astype(jnp.float32)
+    return jax.lax.stop_gradient(e)
+
   def snap(self, llm_params, visual: jax.Array) -> jax.Array:
     """`model.snap_tokens`: each visual token [..., D] replaced by the LLM's input embedding
     of its nearest digit 0 .. grid-1 (squared distance, as `locate_terms`), with the
     straight-through gradient (the identity; van den Oord et al., VQ-VAE, 2017). The LLM
     then reads every visual token as exactly one digit of its vocabulary."""
-    self.check_locate()
-    e = jnp.take(llm_params["model"]["embed_tokens"]["embedding"],
-                 jnp.asarray(self.digit_ids()), axis=0).astype(jnp.float32)
-    e = jax.lax.stop_gradient(e)
+    e = self.digit_embeddings(llm_params)
     x = visual.astype(jnp.float32)
     dist = jnp.sum(x * x, -1, keepdims=True) - 2 * x @ e.T + jnp.sum(e * e, -1)
     hard = jnp.take(e, jnp.argmin(dist, -1), axis=0)
@@ -1333,7 +1355,12 @@ class LLaFS(Method):
     seq = self.layout_batch(batch, sims, present)
     visual, q_region = self.visual_and_prior(v, batch["query_image"], batch["support_images"],
                                              batch["support_masks"], regions)
-    logits = self.answer_logits(v, seq, visual, rng)
+    if not self.opts["visual_grad"]:
+      visual, q_region = jax.lax.stop_gradient(visual), jax.lax.stop_gradient(q_region)
+    llm_visual = visual
+    if float(self.opts["truth_tokens"]) > 0:
+      llm_visual = self.truth_visual(v, visual, batch, jax.random.fold_in(rng, 1))
+    logits = self.answer_logits(v, seq, llm_visual, rng)
     labels = seq["labels"][:, int(self.opts["max_prompt_tokens"]) - 1:-1]
     valid = labels >= 0
     logp = jax.nn.log_softmax(logits, -1)
@@ -1422,6 +1449,37 @@ class LLaFS(Method):
       out[i] = poly.polygons_to_mask(pts, h, w)
     return out
 
+  def vertex_targets(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """int32 [B, K + 1, 2P]: the grid cells (x1, y1, ..., xP, yP) of the largest object's
+    polygon of each support (0..K-1) and of the query (K), -1 where a mask has no object
+    (host callback)."""
+    self.check_locate()
+    b, k = batch["support_masks"].shape[:2]
+    size = batch["query_mask"].shape[1:]
+    q = int(self.opts["num_query_tokens"])
+    masks = jnp.concatenate([batch["support_masks"].reshape((b * k,) + size),
+                             batch["query_mask"]], 0).astype(jnp.uint8)
+    tgt = jax.pure_callback(self._host_vertex_targets,
+                            jax.ShapeDtypeStruct((b * (k + 1), q), jnp.int32), masks)
+    return jnp.concatenate([tgt[:b * k].reshape(b, k, q), tgt[b * k:][:, None]], 1)
+
+  def truth_visual(self, v: PyTree, visual: jax.Array, batch: Mapping[str, jax.Array],
+                   rng: jax.Array) -> jax.Array:
+    """`model.truth_tokens` = p: in a random fraction p of the episodes (Bernoulli per
+    episode), every image's visual tokens (the first (K + 1) Q of [B, N, D]) replaced by the
+    LLM's digit embeddings of that image's polygon (`vertex_targets`; a mask without an
+    object keeps its tokens). Training only (ours; see the module docstring)."""
+    b, n = visual.shape[:2]
+    tgt = self.vertex_targets(batch).reshape(b, -1)  # [B, (K + 1) Q]
+    m = tgt.shape[1]
+    e = self.digit_embeddings(v["params"]["llm"])
+    use = jax.random.bernoulli(rng, float(self.opts["truth_tokens"]), (b,))
+    ok = use[:, None] & (tgt >= 0)
+    ok = jnp.concatenate([ok, jnp.zeros((b, n - m), bool)], 1)
+    truth = jnp.take(e, jnp.maximum(tgt, 0), axis=0)
+    truth = jnp.concatenate([truth, jnp.zeros((b, n - m, e.shape[1]), truth.dtype)], 1)
+    return jnp.where(ok[..., None], truth, visual.astype(jnp.float32))
+
   def locate_terms(self, v: PyTree, visual: jax.Array, q_region: jax.Array,
                    batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict, jax.Array]:
     """The localisation loss of the visual tokens (ours; see the module docstring).
@@ -1441,19 +1499,11 @@ class LLaFS(Method):
 
     Returns (loss, metrics, the query tokens' nearest digits [B, 2P] int32).
     """
-    self.check_locate()
     b, k = batch["support_masks"].shape[:2]
-    size = batch["query_mask"].shape[1:]
     q = int(self.opts["num_query_tokens"])
-    masks = jnp.concatenate([batch["support_masks"].reshape((b * k,) + size),
-                             batch["query_mask"]], 0).astype(jnp.uint8)
-    tgt = jax.pure_callback(self._host_vertex_targets,
-                            jax.ShapeDtypeStruct((b * (k + 1), q), jnp.int32), masks)
-    tgt = jnp.concatenate([tgt[:b * k].reshape(b, k, q), tgt[b * k:][:, None]], 1)
-    tok = visual.reshape(b, k + 1, q, -1).astype(jnp.float32)
-    emb = v["params"]["llm"]["model"]["embed_tokens"]["embedding"]
-    e = jax.lax.stop_gradient(jnp.take(emb, jnp.asarray(self.digit_ids()), axis=0)
-                              .astype(jnp.float32))  # [G, D]
+    tgt = self.vertex_targets(batch)
+    tok = visual[:, :(k + 1) * q].reshape(b, k + 1, q, -1).astype(jnp.float32)
+    e = self.digit_embeddings(v["params"]["llm"])  # [G, D]
     e2 = jnp.sum(e * e, -1)
     pair = e2[:, None] + e2[None] - 2 * e @ e.T
     g = e.shape[0]
@@ -1811,7 +1861,8 @@ def train_stage(method: LLaFS, name: str, spec: Mapping[str, Any], params: PyTre
   # compiles to the same program for any step count (XLA's persistent cache reuses it).
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.95))
   state = opt.init(train)
-  saved = method.opts["refine_weight"], method.opts["locate_weight"]
+  keys = ("refine_weight", "locate_weight", "visual_grad", "truth_tokens")
+  saved = {k: method.opts[k] for k in keys}
 
   loss = method.loss
   if name == "locate":
@@ -1828,9 +1879,9 @@ def train_stage(method: LLaFS, name: str, spec: Mapping[str, Any], params: PyTre
     upd = jax.tree.map(lambda u: -lr_now * u, upd)
     return optax.apply_updates(train, upd), state, aux
 
-  if name == "align":  # captions: the LLM writes text, no mask to refine or locate
-    method.opts["refine_weight"] = 0.0
-    method.opts["locate_weight"] = 0.0
+  if name == "align":  # captions: the LLM writes text, no mask to refine or locate; the
+    # stage exists to train the visual side
+    method.opts.update(refine_weight=0.0, locate_weight=0.0, visual_grad=True, truth_tokens=0.0)
   batches = (locate_batches(method, steps, bsz, seed, str(spec.get("data", "episodes")))
              if name == "locate" else None)
   t0 = time.perf_counter()
@@ -1855,5 +1906,5 @@ def train_stage(method: LLaFS, name: str, spec: Mapping[str, Any], params: PyTre
                      ", ".join(f"{k} {v:.4g}" for k, v in sorted(aux.items())),
                      (time.perf_counter() - t0) / (i + 1))
   finally:
-    method.opts["refine_weight"], method.opts["locate_weight"] = saved
+    method.opts.update(saved)
   return base.merge(train, rest)
