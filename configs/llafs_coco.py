@@ -10,7 +10,8 @@ with their ground-truth polygons, query), 16-point polygons in pixel coordinates
 object; the refinement network; 400 x 400 images; the three stages: (a) alignment on
 captions and (b) curriculum pseudo-samples (both need real caption / pretraining data at
 scale: `stages=` below is empty unless you pass steps), (c) few-shot training on the base
-classes: AdamW 2e-4 (ours), betas (0.9, 0.95), batch 8, bf16, 1000 test episodes per fold.
+classes: Adam 2e-4 (ours; optax adamw with no weight decay), betas (0.9, 0.95), batch 8,
+bf16, 1000 test episodes per fold.
 Published COCO-20i mIoU: 53.9 (1-shot) / 60.0 (5-shot), mean of 4 folds (not reproduced
 here: no COCO or CodeLLaMA weights on the development machines).
 
@@ -22,7 +23,10 @@ Real data (COCO 2014 under `root`; `llm`: a CodeLLaMA-7B(-Instruct) transformers
 
   Without `llm` or the data the run stops at once, naming what is missing and the demo
   command (`fssjax.train` preflight: the method's `missing_inputs` and the data root check).
-  `align_steps=N,curriculum_steps=M` run the stages (a) and (b) first (cached, resumable).
+  `curriculum_steps=M` runs stage (b) on pseudo-samples first (cached once finished; a
+  stage killed midway restarts). Stage (a) needs image-caption pairs, which exist here only
+  for the embedded benchmark: `align_steps` is refused on COCO and PASCAL (start from a
+  BLIP-2 Q-Former with `qformer=` instead).
 
 Offline demo (no downloads; the embedded synthetic benchmark, 128 x 128, fold 0, 1-shot):
 

@@ -642,3 +642,60 @@ def test_truth_tokens_and_visual_grad():
                        has_aux=True)(params)
   assert max(float(jnp.abs(x).max()) for k, x in base.leaf_paths(grads2).items()
              if k.startswith("params/qformer/")) > 0
+
+
+def test_stage_cache_keys_follow_what_each_stage_reads():
+  stages = dict(align=dict(steps=2), locate=dict(steps=3), curriculum=dict(steps=4))
+
+  def paths(**changes):
+    m = get_method(tiny_config(num_query_tokens=12, stages=changes.pop("stages", stages),
+                               **changes))
+    return {s: llafs.stage_path(m, s) for s in ("align", "locate", "curriculum")}
+
+  ref = paths()
+  more_b = paths(stages=dict(stages, curriculum=dict(steps=9)))
+  assert more_b["align"] == ref["align"] and more_b["locate"] == ref["locate"]
+  assert more_b["curriculum"] != ref["curriculum"]
+  # Generation-only keys change no stage; the (b)/(c)-loss keys only stage (b).
+  assert paths(max_new_tokens=12) == ref
+  truth = paths(truth_tokens=0.5)
+  assert truth["locate"] == ref["locate"] and truth["curriculum"] != ref["curriculum"]
+  # Another fold's training classes: every stage is retrained.
+  c = tiny_config(num_query_tokens=12, stages=stages)
+  c.data.fold = 1
+  m = get_method(c)
+  assert all(llafs.stage_path(m, s) != ref[s] for s in ref)
+
+
+def test_generation_counts_skip_padding_rows_and_count_cut_prompts():
+  method = get_method(tiny_config(max_prompt_tokens=20))
+  codec = method.codec
+  ids = [codec.encode("((1,1),(3,1),(3,3),(1,3),(0,2),(0,1))")] * 3
+  tokens = np.asarray(ids, np.int32)
+  lengths = np.full(3, tokens.shape[1], np.int32)
+  method.reset_generation_stats()
+  method._host_coarse(tokens, lengths, (S, S), True, np.asarray([True, True, False]))  # pylint: disable=protected-access
+  st = method.generation_stats()
+  assert (st["answers"], st["ok"], st["new_tokens"]) == (2, 2, 2 * tokens.shape[1])
+  # A prompt longer than max_prompt_tokens (20) is cut and counted; a padding row (no
+  # support foreground) is not.
+  batch = make_batch(b=2)
+  sm = np.asarray(batch["support_masks"]).copy()
+  sm[1] = 0
+  method._host_prompt(sm, np.zeros(2, np.int32))  # pylint: disable=protected-access
+  assert method.generation_stats()["truncated_prompts"] == 1
+
+
+def test_settings_are_checked_before_weights_load():
+  with pytest.raises(base.ConfigError, match="snap_tokens"):
+    get_method(tiny_config(grid=12, num_query_tokens=12, snap_tokens=True))
+  with pytest.raises(base.ConfigError, match=r"truth_tokens > 0 give .* 12 query tokens"):
+    get_method(tiny_config(num_query_tokens=4, truth_tokens=0.5))
+  with pytest.raises(base.ConfigError, match=r"in \[0, 1\]"):
+    get_method(tiny_config(num_query_tokens=12, truth_tokens=2.0))
+  with pytest.raises(base.ConfigError, match="visual_layout='polygon'"):
+    get_method(tiny_config(visual_layout="polygon", num_query_tokens=4))
+  c = tiny_config(stages=dict(align=dict(steps=2)))
+  c.data.dataset = "coco20i"
+  with pytest.raises(base.ConfigError, match="captions only for the embedded benchmark"):
+    get_method(c)

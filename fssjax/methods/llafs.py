@@ -645,6 +645,7 @@ class LLaFS(Method):
   MODEL_DEFAULTS = _DEFAULTS
   TRAINABLE = _TRAINABLE
   kshot = "joint"
+  evaluation_keys = ("max_new_tokens", "output")  # model keys that only change evaluation
   threshold = 0.0
   normalization = "imagenet"
   align_corners = False
@@ -660,6 +661,27 @@ class LLaFS(Method):
     if int(m["num_points"]) < 3:
       raise ConfigError(f"config.model.num_points={m['num_points']}; a polygon needs >= 3")
     self._check_attributes()
+    if self._digit_token_users() != "the localisation targets":
+      self.check_locate()  # before any weights load
+    q, p, g = int(m["num_query_tokens"]), int(m["num_points"]), int(m["grid"])
+    if m["visual_layout"] == "polygon" and (q != 2 * p or not 1 <= g <= 10):
+      raise ConfigError(
+          f"config.model.visual_layout='polygon' writes an image's visual tokens in place of "
+          f"the digits of a one-object answer polygon, one token per coordinate: it needs "
+          f"num_query_tokens = 2 x num_points (got {q} and {p}) and a grid of 1 to 10 cells "
+          f"(got grid={g})")
+    dataset = str(config.get("data", {}).get("dataset", ""))
+    align = int(dict(dict(m["stages"] or {}).get("align", {})).get("steps", 0))
+    if align > 0 and dataset != "synthetic":
+      raise ConfigError(
+          f"config.model.stages.align.steps={align} with data.dataset={dataset!r}: stage (a) "
+          "trains on image-caption pairs, and fssjax has captions only for the embedded "
+          "benchmark (fssjax.data.captions, written from its ground truth). Set the align "
+          "steps to 0 (align_steps=0), or start from an aligned Q-Former "
+          "(config.model.qformer_weights, a BLIP-2 checkpoint)")
+    if not 0.0 <= float(m["truth_tokens"]) <= 1.0:
+      raise ConfigError(f"config.model.truth_tokens={m['truth_tokens']}; expected a fraction "
+                        "of the training episodes in [0, 1]")
     self.dtype = compute_dtype(config)
     self.backbone = _backbone(str(m["backbone"]), self.dtype)
     self.llm_config = self._llm_config()
@@ -1285,7 +1307,10 @@ class LLaFS(Method):
                             batch["query_mask"], class_id, *extra)
     return dict(zip(("ids", "visual", "labels", "mask", "truncated"), out))
 
-  def _host_coarse(self, tokens, lengths, size, count: bool):
+  def _host_coarse(self, tokens, lengths, size, count: bool, counted=None):
+    """(coarse masks uint8 [N, H, W], parse status [N]) of generated answers; `count`: add
+    the rows with `counted` True (default all; the evaluator's padding rows, which have no
+    support foreground, are left out) to the generation statistics."""
     h, w = int(size[0]), int(size[1])
     codec = self.codec
     n = tokens.shape[0]
@@ -1297,13 +1322,14 @@ class LLaFS(Method):
                                        grid=codec.grid)
       status[i] = poly.STATUSES.index(res.status)
     if count:
+      keep = np.ones(n, bool) if counted is None else np.asarray(counted, bool)
       with self._lock:
         st = self._stats
-        for s in status:
+        for s in status[keep]:
           setattr(st["parse"], poly.STATUSES[int(s)], getattr(st["parse"], poly.STATUSES[int(s)]) + 1)
-        st["new_tokens"] += int(np.sum(lengths))
+        st["new_tokens"] += int(np.sum(np.asarray(lengths)[keep]))
         now = time.perf_counter()
-        st["answers"] += n
+        st["answers"] += int(keep.sum())
         if st["t_prompt"] is not None:
           st["seconds"] += now - st["t_prompt"]
           st["t_prompt"] = None
@@ -1316,7 +1342,7 @@ class LLaFS(Method):
   def reset_generation_stats(self) -> None:
     """Zeroes the counts `generation_stats` reports."""
     self._stats = dict(parse=poly.ParseStats(), new_tokens=0, answers=0, seconds=0.0,
-                       t_prompt=None)
+                       t_prompt=None, truncated_prompts=0)
 
   def generation_stats(self) -> dict:
     """{'answers', 'ok', 'repaired', 'failed', 'failed_rate', 'repaired_rate', 'new_tokens',
@@ -1326,6 +1352,7 @@ class LLaFS(Method):
     d = st["parse"].as_dict()
     d.pop("total")
     d.update(answers=st["answers"], new_tokens=st["new_tokens"], generation_s=st["seconds"],
+             truncated_prompts=st["truncated_prompts"],
              tokens_per_s=st["new_tokens"] / st["seconds"] if st["seconds"] else 0.0)
     return d
 
@@ -1340,6 +1367,13 @@ class LLaFS(Method):
       encs.append(codec.layout(parts, support_masks.shape[1], None))
     with self._lock:
       self._stats["t_prompt"] = time.perf_counter()
+      cut = sum(bool(e.truncated_prompt) for i, e in enumerate(encs)
+                if np.any(np.asarray(support_masks[i]) == 1))
+      if cut:
+        self._stats["truncated_prompts"] += cut
+        logging.warning("LLaFS: %d of %d prompts longer than config.model.max_prompt_tokens=%d "
+                        "were cut at their start (raise it; counted in the results' "
+                        "generation block)", cut, len(encs), self.codec.tp)
     return (np.stack([e.ids for e in encs]), np.stack([e.visual for e in encs]),
             np.stack([e.mask for e in encs]))
 
@@ -1402,16 +1436,29 @@ class LLaFS(Method):
     token per coordinate: 1 <= grid <= 10; one query token per coordinate)."""
     m = self.opts
     g, p, q = int(m["grid"]), int(m["num_points"]), int(m["num_query_tokens"])
+    users = self._digit_token_users()
     if not 1 <= g <= 10:
       raise ConfigError(
-          f"config.model.grid={g}: the localisation pretraining (stage 'locate' in "
-          "config.model.stages, or config.model.locate_weight > 0) classifies each polygon "
-          "coordinate as one digit token, so it needs a coordinate grid of 1 to 10 cells")
+          f"config.model.grid={g}: {users} make each visual token one digit of the answer "
+          "polygon (one token per coordinate), so they need a coordinate grid of 1 to 10 "
+          "cells")
     if q != 2 * p:
       raise ConfigError(
-          f"config.model.num_query_tokens={q}: the localisation pretraining gives each query "
-          "token one coordinate of the answer polygon (x1, y1, ..., xP, yP), so it needs "
+          f"config.model.num_query_tokens={q}: {users} give each visual token one "
+          "coordinate of the answer polygon (x1, y1, ..., xP, yP), so they need "
           f"2 x num_points = {2 * p} query tokens")
+
+  def _digit_token_users(self) -> str:
+    """The settings that need one digit token per coordinate, as text for error messages."""
+    m = self.opts
+    stages = dict(m["stages"] or {})
+    users = [name for name, on in (
+        ("stage 'locate' (config.model.stages.locate.steps > 0)",
+         int(dict(stages.get("locate", {})).get("steps", 0)) > 0),
+        ("config.model.locate_weight > 0", float(m["locate_weight"]) > 0),
+        ("config.model.snap_tokens", bool(m["snap_tokens"])),
+        ("config.model.truth_tokens > 0", float(m["truth_tokens"]) > 0)) if on]
+    return " and ".join(users) or "the localisation targets"
 
   def digit_ids(self) -> list:
     """Token ids of the digits 0 .. grid-1 (each must be one token of the tokenizer)."""
@@ -1614,9 +1661,10 @@ class LLaFS(Method):
 
     def fresh(_):
       tokens, lengths = self.generate(v, batch)
-      masks, _ = io_callback(lambda t, l: self._host_coarse(t, l, size, True),
+      real = jnp.any(batch["support_masks"] == 1, axis=(1, 2, 3))  # padding rows: none
+      masks, _ = io_callback(lambda t, l, r: self._host_coarse(t, l, size, True, r),
                              (mspec, jax.ShapeDtypeStruct((b,), jnp.int32)), tokens, lengths,
-                             ordered=False)
+                             real, ordered=False)
       masks = masks + 0 * jnp.asarray(
           io_callback(_memo_store, jax.ShapeDtypeStruct((), jnp.int32), masks, *key_inputs,
                       ordered=False), jnp.uint8)
@@ -1704,18 +1752,31 @@ STAGE_KEYS = {"steps", "batch", "lr", "log_every", "data", "refine_batch", "froz
 LOCATE_DATA = ("episodes", "pseudo")
 
 
-def stage_settings(method: LLaFS) -> dict:
-  """Everything the cached stage results depend on (hashed into their file names)."""
+# Model keys no stage reads (generation and evaluation only), and keys only the loss of stages
+# (b), (c) reads (stage (a) sets its own; 'locate' has its own loss).
+_NOT_IN_STAGES = ("output", "stage_dir", "max_new_tokens")
+_FEWSHOT_LOSS_ONLY = ("truth_tokens", "visual_grad", "locate_weight")
+
+
+def stage_settings(method: LLaFS, stage: str) -> dict:
+  """What the cached result of `stage` (and of the stages before it) depends on, hashed into
+  its file name: the model settings (without the generation-only keys, the later stages'
+  specs, and for (a) and 'locate' the keys only the loss of (b), (c) reads), the trainable
+  patterns, the data settings (the 'locate' episodes come from the data set's training
+  classes of the fold) and the seed."""
   c = method.config
-  model = {k: v for k, v in method.opts.items() if k not in ("output", "stage_dir")}
+  upto = STAGE_ORDER[:STAGE_ORDER.index(stage) + 1]
+  drop = set(_NOT_IN_STAGES) | (set(_FEWSHOT_LOSS_ONLY) if stage != "curriculum" else set())
+  model = {k: v for k, v in method.opts.items() if k not in drop}
+  model["stages"] = {k: dict(v) for k, v in dict(method.opts["stages"] or {}).items()
+                     if k in upto}
   return json.loads(json.dumps(dict(model=model, trainable=method.trainable_patterns(),
-                                    image_size=int(c.data.image_size), seed=int(c.seed),
-                                    version=1), default=str))
+                                    data=c.data.to_dict(), seed=int(c.seed), upto=stage,
+                                    version=2), default=str))
 
 
 def stage_path(method: LLaFS, stage: str) -> str:
-  settings = stage_settings(method)
-  settings["upto"] = stage
+  settings = stage_settings(method, stage)
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
   root = method.opts["stage_dir"] or os.path.join(os.path.expanduser("~"), ".cache", "fssjax",
                                                   "llafs")
