@@ -442,6 +442,7 @@ class ColourStride(Method):
   def init(self, rng, batch):
     return {}
 
+  # The dense evaluator calls predict_dense only; the episodic interface is not used.
   def loss(self, params, frozen, batch, rng):
     raise NotImplementedError
 

@@ -329,6 +329,18 @@ def rasterise_answer(text: str, size: tuple, *, num_points: int, grid: int
 # Prompts: token ids with the visual-token positions.
 
 
+def check_polygon_layout(layout: str, num_query_tokens: int, num_points: int,
+                         grid: int) -> None:
+  """ConfigError unless `visual_layout='polygon'` can write one visual token per coordinate
+  (num_query_tokens = 2 x num_points, a grid of 1 to 10 cells); other layouts pass."""
+  if layout == "polygon" and (num_query_tokens != 2 * num_points or not 1 <= grid <= 10):
+    raise ConfigError(
+        f"config.model.visual_layout='polygon' writes an image's visual tokens in place of "
+        f"the digits of a one-object answer polygon, one token per coordinate: it needs "
+        f"num_query_tokens = 2 x num_points (got {num_query_tokens} and {num_points}) and a "
+        f"grid of 1 to 10 cells (got grid={grid})")
+
+
 @dataclasses.dataclass
 class Encoded:
   """One sequence of the fixed layout (see the module docstring); all int32 [T]."""
@@ -378,13 +390,7 @@ class PromptCodec:
       raise ConfigError(f"config.model.visual_layout={visual_layout!r}; expected one of "
                         f"{list(VISUAL_LAYOUTS)}")
     self.visual_layout = visual_layout
-    if visual_layout == "polygon" and (self.q != 2 * self.num_points
-                                       or not 1 <= self.grid <= 10):
-      raise ConfigError(
-          f"config.model.visual_layout='polygon' writes an image's visual tokens in place of "
-          f"the digits of a one-object answer polygon, one token per coordinate: it needs "
-          f"num_query_tokens = 2 x num_points (got {self.q} and {self.num_points}) and a grid "
-          f"of 1 to 10 cells (got grid={self.grid})")
+    check_polygon_layout(visual_layout, self.q, self.num_points, self.grid)
     self._template: Optional[tuple] = None
     self.tp, self.ta = int(max_prompt_tokens), int(max_answer_tokens)
     self.class_names = list(class_names)
@@ -661,15 +667,10 @@ class LLaFS(Method):
     if int(m["num_points"]) < 3:
       raise ConfigError(f"config.model.num_points={m['num_points']}; a polygon needs >= 3")
     self._check_attributes()
-    if self._digit_token_users() != "the localisation targets":
+    if self._digit_token_users():
       self.check_locate()  # before any weights load
-    q, p, g = int(m["num_query_tokens"]), int(m["num_points"]), int(m["grid"])
-    if m["visual_layout"] == "polygon" and (q != 2 * p or not 1 <= g <= 10):
-      raise ConfigError(
-          f"config.model.visual_layout='polygon' writes an image's visual tokens in place of "
-          f"the digits of a one-object answer polygon, one token per coordinate: it needs "
-          f"num_query_tokens = 2 x num_points (got {q} and {p}) and a grid of 1 to 10 cells "
-          f"(got grid={g})")
+    check_polygon_layout(str(m["visual_layout"]), int(m["num_query_tokens"]),
+                         int(m["num_points"]), int(m["grid"]))
     dataset = str(config.get("data", {}).get("dataset", ""))
     align = int(dict(dict(m["stages"] or {}).get("align", {})).get("steps", 0))
     if align > 0 and dataset != "synthetic":
@@ -1436,7 +1437,7 @@ class LLaFS(Method):
     token per coordinate: 1 <= grid <= 10; one query token per coordinate)."""
     m = self.opts
     g, p, q = int(m["grid"]), int(m["num_points"]), int(m["num_query_tokens"])
-    users = self._digit_token_users()
+    users = " and ".join(self._digit_token_users()) or "the localisation targets"
     if not 1 <= g <= 10:
       raise ConfigError(
           f"config.model.grid={g}: {users} make each visual token one digit of the answer "
@@ -1448,8 +1449,8 @@ class LLaFS(Method):
           "coordinate of the answer polygon (x1, y1, ..., xP, yP), so they need "
           f"2 x num_points = {2 * p} query tokens")
 
-  def _digit_token_users(self) -> str:
-    """The settings that need one digit token per coordinate, as text for error messages."""
+  def _digit_token_users(self) -> list:
+    """The settings in use that need one digit token per coordinate (text for messages)."""
     m = self.opts
     stages = dict(m["stages"] or {})
     users = [name for name, on in (
@@ -1458,7 +1459,7 @@ class LLaFS(Method):
         ("config.model.locate_weight > 0", float(m["locate_weight"]) > 0),
         ("config.model.snap_tokens", bool(m["snap_tokens"])),
         ("config.model.truth_tokens > 0", float(m["truth_tokens"]) > 0)) if on]
-    return " and ".join(users) or "the localisation targets"
+    return users
 
   def digit_ids(self) -> list:
     """Token ids of the digits 0 .. grid-1 (each must be one token of the tokenizer)."""
@@ -1516,16 +1517,15 @@ class LLaFS(Method):
     episode), every image's visual tokens (the first (K + 1) Q of [B, N, D]) replaced by the
     LLM's digit embeddings of that image's polygon (`vertex_targets`; a mask without an
     object keeps its tokens). Training only (ours; see the module docstring)."""
-    b, n = visual.shape[:2]
+    b = visual.shape[0]
     tgt = self.vertex_targets(batch).reshape(b, -1)  # [B, (K + 1) Q]
     m = tgt.shape[1]
     e = self.digit_embeddings(v["params"]["llm"])
     use = jax.random.bernoulli(rng, float(self.opts["truth_tokens"]), (b,))
     ok = use[:, None] & (tgt >= 0)
-    ok = jnp.concatenate([ok, jnp.zeros((b, n - m), bool)], 1)
-    truth = jnp.take(e, jnp.maximum(tgt, 0), axis=0)
-    truth = jnp.concatenate([truth, jnp.zeros((b, n - m, e.shape[1]), truth.dtype)], 1)
-    return jnp.where(ok[..., None], truth, visual.astype(jnp.float32))
+    visual = visual.astype(jnp.float32)
+    images = jnp.where(ok[..., None], jnp.take(e, jnp.maximum(tgt, 0), axis=0), visual[:, :m])
+    return visual.at[:, :m].set(images)
 
   def locate_terms(self, v: PyTree, visual: jax.Array, q_region: jax.Array,
                    batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict, jax.Array]:
